@@ -1,0 +1,1 @@
+"""Execution backends: ONNX Runtime sessions, TensorRT builder, runner and plugins."""

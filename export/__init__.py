@@ -1,0 +1,1 @@
+"""ONNX export of HaploOmni, split by stage."""

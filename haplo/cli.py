@@ -1,0 +1,234 @@
+"""`haplo-export`: the deployment tool's one entry point.
+
+    haplo-export inspect  --preset haplo-omni-9b
+    haplo-export run understand --prompt "Describe the video." --video clip.mp4
+    haplo-export run generate   --prompt "A red square moves left." --out out/video.mp4
+
+Every command works on a checkpoint directory (`--checkpoint DIR`) or a built-in preset (`--preset`,
+default `tiny`, randomly initialised with `--seed`). Bad input ends with one `error:` line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PRESET = "tiny"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line."""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, help="checkpoint directory (config.json + model.safetensors)")
+    source.add_argument("--preset", help=f"built-in configuration: tiny, small, haplo-omni-9b (default: {DEFAULT_PRESET})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset, and of sampling")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument("--tokenizer", type=Path,
+                        help="directory of Hugging Face tokenizer files (default: the checkpoint's, else built-in)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haplo-export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    inspect = sub.add_parser("inspect", help="parameters per stage, bytes per precision, KV cache, latent tokens")
+    add_model_args(inspect)
+    inspect.add_argument("--frames", type=int, help="video frames for the latent-token count (default: config)")
+    inspect.add_argument("--height", type=int, help="video height in pixels (default: config)")
+    inspect.add_argument("--width", type=int, help="video width in pixels (default: config)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    run = sub.add_parser("run", help="run the model on the PyTorch backend")
+    tasks = run.add_subparsers(dest="task", required=True)
+    und = tasks.add_parser("understand", help="answer a prompt about images / a video (autoregressive text)")
+    add_run_args(und)
+    und.add_argument("--prompt", default="Describe what you see.", help="the user's question")
+    und.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
+    und.add_argument("--video", type=Path, help="video file (mp4, gif, ...)")
+    und.add_argument("--video-frames", type=int, default=8, help="frames sampled uniformly from --video")
+    und.add_argument("--max-new-tokens", type=int, default=32)
+    und.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    und.add_argument("--top-k", type=int, default=0)
+    und.add_argument("--top-p", type=float, default=1.0)
+
+    gen = tasks.add_parser("generate", help="text-to-video (DDIM with classifier-free guidance, VAE decode)")
+    add_run_args(gen)
+    gen.add_argument("--prompt", default="A red square moves from left to right.")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--steps", type=int, help="DDIM steps (default: config)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: config)")
+    gen.add_argument("--frames", type=int, help="video frames (default: config)")
+    gen.add_argument("--height", type=int, help="video height in pixels (default: config)")
+    gen.add_argument("--width", type=int, help="video width in pixels (default: config)")
+    gen.add_argument("--vae", type=Path, help="diffusers AutoencoderKLCogVideoX directory (default: checkpoint/vae)")
+    gen.add_argument("--out", type=Path, default=Path("out/video.mp4"),
+                     help="output video, .mp4 (a .gif is written beside it)")
+    gen.add_argument("--no-prefix-reuse", action="store_true",
+                     help="recompute the text prefix at every step (slower, same result)")
+    return parser
+
+
+# -- model loading -------------------------------------------------------------------------------
+
+def load_config(args):
+    from haplo.config import HaploOmniConfig, preset
+
+    if args.checkpoint is not None:
+        from haplo.modeling import CheckpointError
+        from haplo.config import ConfigError
+
+        try:
+            return HaploOmniConfig.from_pretrained(args.checkpoint)
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
+    return preset(args.preset or DEFAULT_PRESET)
+
+
+def load_model(args):
+    import torch
+
+    from haplo.modeling import HaploOmniForConditionalGeneration
+
+    dtype = getattr(torch, args.dtype)
+    if args.checkpoint is not None:
+        return HaploOmniForConditionalGeneration.from_pretrained(args.checkpoint, dtype=dtype)
+    return HaploOmniForConditionalGeneration.from_config(load_config(args), seed=args.seed, dtype=dtype)
+
+
+def load_processor(args, config):
+    from haplo.processor import HaploOmniProcessor
+    from haplo.tokenizer import build_tokenizer, load_tokenizer
+
+    directory = args.tokenizer
+    if directory is None and args.checkpoint is not None and (args.checkpoint / "tokenizer_config.json").exists():
+        directory = args.checkpoint
+    tokenizer = load_tokenizer(directory) if directory is not None else build_tokenizer(config)
+    return HaploOmniProcessor(tokenizer, config)
+
+
+def read_video_frames(path: Path, count: int):
+    import imageio.v3 as iio
+    import numpy as np
+
+    try:
+        frames = iio.imread(path, plugin="FFMPEG" if path.suffix.lower() != ".gif" else None)
+    except Exception as err:  # imageio raises many types for undecodable input
+        raise UsageError(f"{path}: cannot decode the video ({type(err).__name__}); pass an mp4/gif file") from None
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or len(frames) == 0:
+        raise UsageError(f"{path}: no video frames found")
+    picks = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
+    return frames[picks][..., :3]
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> dict:
+    from haplo.inspection import format_report, inspect_config
+
+    config = load_config(args)
+    report = inspect_config(config, args.frames, args.height, args.width)
+    name = str(args.checkpoint) if args.checkpoint else (args.preset or DEFAULT_PRESET)
+    print(json.dumps(report, indent=2) if args.json else format_report(name, report))
+    return report
+
+
+def cmd_understand(args) -> dict:
+    import torch
+
+    from haplo.processor import ProcessorError
+
+    for image in args.image:
+        if not image.exists():
+            raise UsageError(f"{image}: no such image file")
+    if args.video is not None and not args.video.exists():
+        raise UsageError(f"{args.video}: no such video file")
+    model = load_model(args)
+    processor = load_processor(args, model.config)
+    placeholders = "<image>\n" * len(args.image) + ("<video>\n" if args.video else "")
+    conversation = [{"role": "user", "content": placeholders + args.prompt}]
+    videos = [read_video_frames(args.video, args.video_frames)] if args.video else None
+    try:
+        inputs = processor(conversations=[conversation], images=[str(p) for p in args.image] or None, videos=videos)
+    except ProcessorError as err:
+        raise UsageError(str(err)) from None
+    started = time.perf_counter()
+    out = model.generate(
+        **{k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)},
+        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
+        stop_token_ids=tuple(processor.stop_token_ids), seed=args.seed)
+    elapsed = time.perf_counter() - started
+    tokens = out.new_tokens[0].tolist()
+    text = processor.decode(tokens, skip_special_tokens=True)
+    result = {"text": text, "token_ids": tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+              "seconds": round(elapsed, 4)}
+    print(json.dumps(result) if args.json else text)
+    return result
+
+
+def cmd_generate(args) -> dict:
+    from haplo.pipeline import TextToVideoPipeline
+    from haplo.vae import vae_for_checkpoint
+    from haplo.video import to_uint8_frames, write_video
+
+    if args.out.suffix.lower() != ".mp4":
+        raise UsageError(f"--out {args.out}: use a .mp4 path (a .gif is written beside it)")
+    model = load_model(args)
+    processor = load_processor(args, model.config)
+    vae = vae_for_checkpoint(args.checkpoint, model.config, args.vae)
+    pipe = TextToVideoPipeline(model, processor, vae)
+    started = time.perf_counter()
+    result = pipe(args.prompt, args.negative_prompt, args.steps, args.guidance, args.frames, args.height,
+                  args.width, seed=args.seed, reuse_prefix=not args.no_prefix_reuse, progress=True)
+    frames = to_uint8_frames(result.videos[0])
+    fps = model.config.video_generation.fps
+    mp4 = write_video(frames, args.out, fps)
+    gif = write_video(frames, args.out.with_suffix(".gif"), fps)
+    summary = {"video": str(mp4), "gif": str(gif), "frames": int(frames.shape[0]),
+               "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+               "latent_shape": list(result.latents.shape[1:]), "seconds": round(time.perf_counter() - started, 3)}
+    print(json.dumps(summary) if args.json else f"wrote {mp4} and {gif} ({frames.shape[0]} frames, "
+          f"{frames.shape[1]}x{frames.shape[2]})")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from haplo.config import ConfigError
+    from haplo.modeling import CheckpointError
+    from haplo.tokenizer import TokenizerError
+    from haplo.vae import VAEError
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "inspect":
+            cmd_inspect(args)
+        elif args.task == "understand":
+            cmd_understand(args)
+        else:
+            cmd_generate(args)
+    except (UsageError, ConfigError, CheckpointError, TokenizerError, VAEError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The CogVideoX causal 3-D VAE (diffusers `AutoencoderKLCogVideoX`): 8x spatial, 4x temporal, 16 channels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLCogVideoX
+
+from haplo.config import HaploOmniConfig
+
+
+class VAEError(ValueError):
+    pass
+
+
+def load_vae(directory: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKLCogVideoX:
+    """A diffusers-format VAE directory (e.g. CogVideoX-2b's `vae/`), loaded offline."""
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise VAEError(f"{directory}: no VAE config.json; pass a diffusers AutoencoderKLCogVideoX directory")
+    try:
+        vae = AutoencoderKLCogVideoX.from_pretrained(directory, torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise VAEError(f"{directory}: cannot load the VAE ({err})") from None
+    return vae.eval()
+
+
+def build_random_vae(config: HaploOmniConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A small randomly initialised VAE with the real architecture and compression factors.
+
+    Used by presets, which have no trained weights; a checkpoint's `vae/` folder replaces it.
+    """
+    gen = config.video_generation
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8, 16, 16), latent_channels=gen.latent_channels, layers_per_block=1,
+        norm_num_groups=4, temporal_compression_ratio=gen.vae_temporal_compression,
+        sample_height=gen.height, sample_width=gen.width, scaling_factor=gen.vae_scaling_factor,
+    )
+    return vae.to(dtype).eval()
+
+
+def vae_for_checkpoint(checkpoint: str | Path | None, config: HaploOmniConfig, vae_dir: str | Path | None = None):
+    """An explicit VAE directory, else the checkpoint's `vae/` folder, else a seeded random VAE."""
+    if vae_dir is not None:
+        return load_vae(vae_dir)
+    if checkpoint is not None and (Path(checkpoint) / "vae" / "config.json").exists():
+        return load_vae(Path(checkpoint) / "vae")
+    return build_random_vae(config)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKLCogVideoX, latents: torch.Tensor) -> torch.Tensor:
+    """[B, F, C, h, w] latents -> [B, 3, frames, H, W] video in [-1, 1]."""
+    latents = latents.permute(0, 2, 1, 3, 4).to(vae.dtype) / vae.config.scaling_factor
+    return vae.decode(latents).sample.clamp(-1, 1)

@@ -1,0 +1,34 @@
+"""Shared test setup: Triton runs kernels in its interpreter on CPU; `gpu` tests need TensorRT + CUDA."""
+
+import os
+
+# Must be set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _has_gpu_and_tensorrt() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu_and_tensorrt():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with TensorRT")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
