@@ -181,6 +181,7 @@ def cmd_understand(args) -> dict:
 
 
 def cmd_generate(args) -> dict:
+    from haplo.backend import TorchBackend
     from haplo.pipeline import TextToVideoPipeline
     from haplo.vae import vae_for_checkpoint
     from haplo.video import to_uint8_frames, write_video
@@ -190,7 +191,7 @@ def cmd_generate(args) -> dict:
     model = load_model(args)
     processor = load_processor(args, model.config)
     vae = vae_for_checkpoint(args.checkpoint, model.config, args.vae)
-    pipe = TextToVideoPipeline(model, processor, vae)
+    pipe = TextToVideoPipeline(TorchBackend(model, vae), processor)
     started = time.perf_counter()
     result = pipe(args.prompt, args.negative_prompt, args.steps, args.guidance, args.frames, args.height,
                   args.width, seed=args.seed, reuse_prefix=not args.no_prefix_reuse, progress=True)

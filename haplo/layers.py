@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -150,27 +148,3 @@ class Connector(nn.Module):
             transformed = self.transform(residual)
             switch = torch.softmax(self.connector_indicator(residual), dim=-1)
         return transformed * switch[..., :1] + residual * switch[..., 1:]
-
-
-@dataclass
-class KVCache:
-    """Per-layer keys/values [B, Hkv, L, D] for all three stages, plus each cached key's block start."""
-
-    layers: list = field(default_factory=list)  # list of (key, value) per decoder layer
-    key_start: torch.Tensor | None = None  # [B, L]
-    next_position: torch.Tensor | None = None  # [B] RoPE position of the next token
-
-    @property
-    def length(self) -> int:
-        return 0 if self.key_start is None else self.key_start.shape[-1]
-
-    def layer(self, index: int):
-        return self.layers[index] if index < len(self.layers) else None
-
-    def expand(self, repeats: int) -> "KVCache":
-        """The same prefix for `repeats` consecutive copies of each row (e.g. the CFG batch)."""
-        rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
-        return KVCache([(rep(k), rep(v)) for k, v in self.layers], rep(self.key_start), rep(self.next_position))
-
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        return KVCache([(k[rows], v[rows]) for k, v in self.layers], self.key_start[rows], self.next_position[rows])

@@ -20,7 +20,7 @@ from torch import nn
 
 from haplo import ops, vision
 from haplo.config import CONFIG_NAME, ConfigError, HaploOmniConfig, StageConfig, preset
-from haplo.layers import Connector, DecoderLayer, KVCache, MultimodalNorm, rope_cos_sin
+from haplo.layers import Connector, DecoderLayer, MultimodalNorm, rope_cos_sin
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -37,7 +37,6 @@ class HaploOutput:
     last_hidden_state: torch.Tensor | None = None  # [B, L, base width], the lm_head input
     last_decoder_hidden_state: torch.Tensor | None = None  # [B, L, post width]
     hidden_states: list = field(default_factory=list)  # inputs of every decoder layer, then last_hidden_state
-    past_key_values: KVCache | None = None
 
 
 class ImagePatchEmbed(nn.Module):
@@ -142,25 +141,9 @@ class HaploOmniModel(nn.Module):
 
     def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None, pixel_values_videos=None):
         """Text embeddings with image/video features scattered, in order, into the placeholder ids."""
-        embeds = self.embed_tokens(input_ids)
-        for token_id, features, kind in (
-            (self.config.image_token_index,
-             None if pixel_values is None else self.embed_images(pixel_values, image_sizes), "image"),
-            (self.config.video_token_index,
-             None if pixel_values_videos is None else self.embed_videos(pixel_values_videos), "video"),
-        ):
-            slots = input_ids == token_id
-            count = int(slots.sum())
-            if features is None:
-                if count:
-                    raise ValueError(f"input_ids hold {count} {kind} placeholders but no {kind} pixels were given")
-                continue
-            features = torch.cat(features)
-            if features.shape[0] != count:
-                raise ValueError(f"{kind} features give {features.shape[0]} tokens but input_ids hold {count} "
-                                 f"{kind} placeholders; build inputs with HaploOmniProcessor")
-            embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
-        return embeds
+        images = None if pixel_values is None else self.embed_images(pixel_values, image_sizes)
+        videos = None if pixel_values_videos is None else self.embed_videos(pixel_values_videos)
+        return scatter_visual_features(self.config, input_ids, self.embed_tokens(input_ids), images, videos)
 
     # -- the stack -------------------------------------------------------------------------------
     def stage_forward(
@@ -189,18 +172,13 @@ class HaploOmniModel(nn.Module):
             x = self.post_connector(self.norm(x))
         return x, presents
 
-    def forward(self, inputs_embeds, position_ids, key_start, past_key_values: KVCache | None = None,
-                output_hidden_states: bool = False):
-        """Runs pre -> base -> post. Returns (last_decoder_hidden_state, presents, hidden_states)."""
+    def forward(self, inputs_embeds, position_ids, key_start, output_hidden_states: bool = False):
+        """pre -> base -> post over a whole sequence. Returns (last_decoder_hidden_state, hidden_states)."""
         hidden_states = [] if output_hidden_states else None
-        x, presents = inputs_embeds, []
+        x = inputs_embeds
         for stage in STAGES:
-            past = None
-            if past_key_values is not None and past_key_values.layers:
-                past = [past_key_values.layers[i] for i in self.stage_layers(stage)]
-            x, stage_kv = self.stage_forward(stage, x, position_ids, key_start, past, hidden_states)
-            presents.extend(stage_kv)
-        return x, presents, hidden_states
+            x, _ = self.stage_forward(stage, x, position_ids, key_start, None, hidden_states)
+        return x, hidden_states
 
     def lm_hidden(self, last_decoder_hidden_state: torch.Tensor) -> torch.Tensor:
         """post width -> base width, the lm_head input."""
@@ -238,12 +216,7 @@ class HaploOmniForConditionalGeneration(nn.Module):
 
     # -- understanding ---------------------------------------------------------------------------
     def understanding_key_start(self, attention_mask, attention_start_ids, past_length: int = 0):
-        """Block starts of the new tokens (absolute slots), padding masked out."""
-        if attention_start_ids is None or (self.config.official_mask_quirk and bool(attention_mask.all())):
-            # Plain causal; the official code silently does this for batches without padding.
-            positions = torch.arange(past_length, past_length + attention_mask.shape[-1], device=attention_mask.device)
-            attention_start_ids = positions.expand_as(attention_mask)
-        return ops.apply_padding(attention_start_ids, attention_mask)
+        return understanding_key_start(self.config, attention_mask, attention_start_ids, past_length)
 
     def forward(
         self,
@@ -254,40 +227,29 @@ class HaploOmniForConditionalGeneration(nn.Module):
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
-        use_cache: bool = False,
         output_hidden_states: bool = False,
-        logits_to_keep: int = 0,
     ) -> HaploOutput:
+        """Understanding forward over a whole sequence (decoding with a cache: `generate`)."""
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_inputs(input_ids, pixel_values, image_sizes, pixel_values_videos)
         batch, length = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
-        past_length = 0 if past_key_values is None else past_key_values.length
-        key_start = self.understanding_key_start(attention_mask, attention_start_ids, past_length)
-        # RoPE positions count real tokens only; RoPE is relative, so left padding does not matter.
-        offset = 0 if past_key_values is None else past_key_values.next_position[:, None]
-        position_ids = (offset + attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if past_key_values is not None:
-            key_start = torch.cat([past_key_values.key_start, key_start], dim=-1)
-        last_decoder, presents, hidden_states = self.model(
-            inputs_embeds, position_ids, key_start, past_key_values, output_hidden_states)
+        key_start = self.understanding_key_start(attention_mask, attention_start_ids)
+        position_ids = understanding_positions(attention_mask)
+        last_decoder, hidden_states = self.model(inputs_embeds, position_ids, key_start, output_hidden_states)
         last_hidden = self.model.lm_hidden(last_decoder)
-        logits = self.lm_head(last_hidden[:, -logits_to_keep:] if logits_to_keep else last_hidden)
         if output_hidden_states:
             hidden_states.append(last_hidden)
-        cache = None
-        if use_cache:
-            cache = KVCache(presents, key_start, position_ids[:, -1] + 1)
-        return HaploOutput(logits, last_hidden, last_decoder, hidden_states or [], cache)
+        return HaploOutput(self.lm_head(last_hidden), last_hidden, last_decoder, hidden_states or [])
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Autoregressive decoding with a KV cache over all three stages. See `haplo.generation.generate`."""
-        from haplo.generation import generate
+    def generate(self, input_ids: torch.Tensor, **kwargs):
+        """Autoregressive decoding with a KV cache over all three stages (`haplo.runtime.understand`)."""
+        from haplo.backend import TorchBackend
+        from haplo.runtime import understand
 
-        return generate(self, input_ids, **kwargs)
+        return understand(TorchBackend(self), input_ids, **kwargs)
 
     # -- generation ------------------------------------------------------------------------------
     def time_embed(self, timestep: torch.Tensor, batch: int) -> torch.Tensor:
@@ -309,54 +271,15 @@ class HaploOmniForConditionalGeneration(nn.Module):
         out = out.reshape(batch, frames, height // p, width // p, channels, p, p)
         return out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, frames, channels, height, width)
 
-    @staticmethod
-    def generation_positions(attention_mask: torch.Tensor, num_visual: int):
-        """Key starts and RoPE positions for [left-padded text | time token | latent tokens].
-
-        Text and the time token are causal; the latent tokens form one bidirectional block that
-        sees everything real. Returns (key_start [B, S], position_ids [B, S]).
-        """
-        batch, text_len = attention_mask.shape
-        device = attention_mask.device
-        text_start = ops.apply_padding(torch.arange(text_len, device=device).expand(batch, text_len), attention_mask)
-        time_start = torch.full((batch, 1), text_len, device=device)
-        latent_start = torch.full((batch, num_visual), text_len + 1, device=device)
-        key_start = torch.cat([text_start, time_start, latent_start], dim=1)
-        real = torch.cat([attention_mask.long(), torch.ones(batch, 1 + num_visual, dtype=torch.long, device=device)], 1)
-        position_ids = (real.cumsum(-1) - 1).clamp(min=0)
-        return key_start, position_ids
-
     def generation_forward(self, latents, timestep, input_ids, attention_mask) -> torch.Tensor:
         """One denoiser call over the whole sequence: v-prediction [B, F, C, H, W]."""
         temb = self.time_embed(timestep, latents.shape[0])
         time_token, latent_tokens = self.embed_generation_inputs(latents, temb)
         text = self.model.embed_tokens(input_ids)
         sequence = torch.cat([text, time_token, latent_tokens], dim=1)
-        key_start, position_ids = self.generation_positions(attention_mask, latent_tokens.shape[1])
-        hidden, _, _ = self.model(sequence, position_ids, key_start)
+        key_start, position_ids = generation_positions(attention_mask, latent_tokens.shape[1])
+        hidden, _ = self.model(sequence, position_ids, key_start)
         return self.latent_head(hidden[:, -latent_tokens.shape[1]:], temb, latents.shape)
-
-    def encode_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> KVCache:
-        """The text prefix's K/V in every layer. Text rows never see the time token or the latents,
-        so this is the same at every DDIM step: compute it once per request."""
-        key_start, position_ids = self.generation_positions(attention_mask, 0)
-        text_len = input_ids.shape[1]
-        _, presents, _ = self.model(self.model.embed_tokens(input_ids), position_ids[:, :text_len],
-                                    key_start[:, :text_len])
-        return KVCache(presents, key_start[:, :text_len], attention_mask.long().sum(-1))
-
-    def denoise(self, latents: torch.Tensor, timestep, prefix: KVCache) -> torch.Tensor:
-        """generation_forward with the text prefix taken from `prefix` (same result, less work)."""
-        temb = self.time_embed(timestep, latents.shape[0])
-        time_token, latent_tokens = self.embed_generation_inputs(latents, temb)
-        num_new = 1 + latent_tokens.shape[1]
-        text_len = prefix.length
-        new_start = torch.full((latents.shape[0], num_new), text_len + 1, device=latents.device)
-        new_start[:, 0] = text_len
-        key_start = torch.cat([prefix.key_start, new_start], dim=1)
-        position_ids = prefix.next_position[:, None] + torch.arange(num_new, device=latents.device)
-        hidden, _, _ = self.model(torch.cat([time_token, latent_tokens], 1), position_ids, key_start, prefix)
-        return self.latent_head(hidden[:, 1:], temb, latents.shape)
 
     # -- weights ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -424,6 +347,66 @@ class HaploOmniForConditionalGeneration(nn.Module):
                   metadata={"format": "pt"})
         tmp.replace(directory / WEIGHTS_NAME)
         self.config.save_pretrained(directory)
+
+
+def scatter_visual_features(config: HaploOmniConfig, input_ids: torch.Tensor, embeds: torch.Tensor,
+                            images: list | None, videos: list | None) -> torch.Tensor:
+    """Place per-image / per-video features [tokens, D], in order, at the placeholder ids of `input_ids`."""
+    for token_id, features, kind in ((config.image_token_index, images, "image"),
+                                     (config.video_token_index, videos, "video")):
+        slots = input_ids == token_id
+        count = int(slots.sum())
+        if features is None:
+            if count:
+                raise ValueError(f"input_ids hold {count} {kind} placeholders but no {kind} pixels were given")
+            continue
+        features = torch.cat(list(features))
+        if features.shape[0] != count:
+            raise ValueError(f"{kind} features give {features.shape[0]} tokens but input_ids hold {count} "
+                             f"{kind} placeholders; build inputs with HaploOmniProcessor")
+        embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+    return embeds
+
+
+def understanding_key_start(config: HaploOmniConfig, attention_mask: torch.Tensor,
+                            attention_start_ids: torch.Tensor | None, past_length: int = 0) -> torch.Tensor:
+    """Block starts of new tokens (absolute slots), padding masked out. Without start ids, or with the
+    official quirk on a batch without padding, attention is plain causal."""
+    if attention_start_ids is None or (config.official_mask_quirk and bool(attention_mask.all())):
+        positions = torch.arange(past_length, past_length + attention_mask.shape[-1], device=attention_mask.device)
+        attention_start_ids = positions.expand_as(attention_mask)
+    return ops.apply_padding(attention_start_ids, attention_mask)
+
+
+def understanding_positions(attention_mask: torch.Tensor, next_position: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE positions count real tokens only (RoPE is relative, so left padding does not matter)."""
+    offset = 0 if next_position is None else next_position[:, None]
+    return (offset + attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def generation_positions(attention_mask: torch.Tensor, num_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key starts and RoPE positions for [left-padded text | time token | latent tokens].
+
+    Text and the time token are causal; the latent tokens form one bidirectional block that sees
+    everything real. Returns (key_start [B, S], position_ids [B, S]).
+    """
+    batch, text_len = attention_mask.shape
+    device = attention_mask.device
+    text_start = ops.apply_padding(torch.arange(text_len, device=device).expand(batch, text_len), attention_mask)
+    time_start = torch.full((batch, 1), text_len, device=device)
+    latent_start = torch.full((batch, num_visual), text_len + 1, device=device)
+    key_start = torch.cat([text_start, time_start, latent_start], dim=1)
+    real = torch.cat([attention_mask.long(), torch.ones(batch, 1 + num_visual, dtype=torch.long, device=device)], 1)
+    return key_start, (real.cumsum(-1) - 1).clamp(min=0)
+
+
+def denoise_positions(prefix_key_start: torch.Tensor, next_position: torch.Tensor, num_visual: int):
+    """Key starts and positions of [time token | latents] after a cached text prefix."""
+    batch, text_len = prefix_key_start.shape
+    new_start = torch.full((batch, 1 + num_visual), text_len + 1, device=prefix_key_start.device)
+    new_start[:, 0] = text_len
+    position_ids = next_position[:, None] + torch.arange(1 + num_visual, device=prefix_key_start.device)
+    return torch.cat([prefix_key_start, new_start], dim=1), position_ids
 
 
 def load_checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -6,10 +6,8 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import CogVideoXDDIMScheduler
-from tqdm.auto import tqdm
 
 from haplo.config import VideoGenerationConfig
-from haplo.vae import decode_latents
 
 
 def make_scheduler(gen: VideoGenerationConfig) -> CogVideoXDDIMScheduler:
@@ -29,38 +27,14 @@ class VideoOutput:
 
 
 class TextToVideoPipeline:
-    """model + processor (+ VAE) -> videos. The text prefix's K/V is computed once per request."""
+    """prompts -> processor -> guided DDIM on a backend -> VAE decode.
 
-    def __init__(self, model, processor=None, vae=None, scheduler: CogVideoXDDIMScheduler | None = None):
-        self.model, self.processor, self.vae = model, processor, vae
-        self.scheduler = scheduler or make_scheduler(model.config.video_generation)
+    `backend` is any `haplo.backend.Backend` (e.g. `TorchBackend(model, vae)` or an ONNX Runtime bundle).
+    """
 
-    @torch.no_grad()
-    def denoise(
-        self,
-        input_ids: torch.Tensor,  # [2P, L]: P negative prompts, then P prompts, left padded
-        attention_mask: torch.Tensor,
-        latents: torch.Tensor,  # [P, F, C, h, w] initial noise
-        num_inference_steps: int,
-        guidance_scale: float,
-        reuse_prefix: bool = True,
-        progress: bool = True,
-    ) -> torch.Tensor:
-        model, scheduler = self.model, self.scheduler
-        scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        latents = latents * scheduler.init_noise_sigma
-        prefix = model.encode_prompt(input_ids, attention_mask) if reuse_prefix else None
-        for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
-            batch = torch.cat([latents, latents]).to(model.dtype)
-            timestep = t.expand(batch.shape[0]).long()
-            if prefix is not None:
-                v = model.denoise(batch, timestep, prefix)
-            else:
-                v = model.generation_forward(batch, timestep, input_ids, attention_mask)
-            v_negative, v_positive = v.float().chunk(2)
-            v = v_negative + guidance_scale * (v_positive - v_negative)
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-        return latents
+    def __init__(self, backend, processor=None, scheduler: CogVideoXDDIMScheduler | None = None):
+        self.backend, self.processor = backend, processor
+        self.scheduler = scheduler or make_scheduler(backend.config.video_generation)
 
     @torch.no_grad()
     def __call__(
@@ -77,16 +51,17 @@ class TextToVideoPipeline:
         reuse_prefix: bool = True,
         progress: bool = True,
     ) -> VideoOutput:
-        gen = self.model.config.video_generation
+        from haplo.runtime import denoise
+
+        gen = self.backend.config.video_generation
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = self.processor.process_prompt_for_generation(prompts, negative_prompt)
         shape = gen.latent_shape(num_frames or gen.num_frames, height or gen.height, width or gen.width)
-        generator = torch.Generator().manual_seed(seed)
-        latents = torch.randn((len(prompts), *shape), generator=generator).to(self.model.device)
-        latents = self.denoise(batch["input_ids"].to(self.model.device), batch["attention_mask"].to(self.model.device),
-                               latents, num_inference_steps or gen.num_inference_steps,
-                               gen.guidance_scale if guidance_scale is None else guidance_scale,
-                               reuse_prefix, progress)
-        if output_type == "latent" or self.vae is None:
+        latents = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(seed))
+        latents = denoise(self.backend, batch["input_ids"], batch["attention_mask"], latents,
+                          num_inference_steps or gen.num_inference_steps,
+                          gen.guidance_scale if guidance_scale is None else guidance_scale,
+                          self.scheduler, reuse_prefix, progress)
+        if output_type == "latent":
             return VideoOutput(latents)
-        return VideoOutput(latents, decode_latents(self.vae, latents))
+        return VideoOutput(latents, self.backend.vae_decode(latents))

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from haplo.backend import TorchBackend
 from haplo.config import HaploOmniConfig, preset
 from haplo.generation import SamplingParams, next_token
 from haplo.modeling import CheckpointError, HaploOmniForConditionalGeneration
+from haplo.runtime import encode_prompt, predict_v
 
 FIXTURE_CKPT = Path(__file__).parent / "fixtures" / "tiny-a" / "checkpoint"
 
@@ -140,7 +142,10 @@ def test_prefix_reuse_is_exact_with_padding(tiny):
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     latents = torch.randn(2, 3, 16, 8, 8)
     t = torch.tensor([999, 500])
+    backend = TorchBackend(tiny)
     with torch.no_grad():
-        full = tiny.generation_forward(latents, t, ids, mask)
-        reused = tiny.denoise(latents, t, tiny.encode_prompt(ids, mask))
+        reference = tiny.generation_forward(latents, t, ids, mask)
+    full = predict_v(backend, latents, t, ids, mask)
+    reused = predict_v(backend, latents, t, ids, mask, prefix=encode_prompt(backend, ids, mask))
+    torch.testing.assert_close(full, reference, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(reused, full, atol=1e-5, rtol=1e-5)

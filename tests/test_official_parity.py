@@ -7,8 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from haplo import ops
-from haplo.modeling import HaploOmniForConditionalGeneration
-from haplo.pipeline import TextToVideoPipeline
+from haplo.backend import TorchBackend
+from haplo.modeling import HaploOmniForConditionalGeneration, generation_positions
+from haplo.runtime import denoise
+from haplo.pipeline import make_scheduler
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-a"
 ATOL = 1e-4
@@ -106,7 +108,7 @@ def test_generation_forward(model, vectors):
     assert_close(sample, vectors["genfwd.sample"])
     assert_close(table, vectors["genfwd.debug.pos_embedding"][0])
     assert_close(temb, vectors["genfwd.debug.time_embedding"])
-    key_start, positions = model.generation_positions(args[3], 32)
+    key_start, positions = generation_positions(args[3], 32)
     assert torch.equal(positions, vectors["genfwd.position_ids"])
     mask = ops.block_mask(key_start, key_start.shape[-1])
     real_rows = torch.cat([args[3], torch.ones(2, 33, dtype=torch.long)], 1).bool()
@@ -116,10 +118,11 @@ def test_generation_forward(model, vectors):
 
 @pytest.mark.parametrize("reuse_prefix", [True, False])
 def test_ddim_three_steps(model, vectors, reuse_prefix):
-    pipe = TextToVideoPipeline(model)
-    latents = pipe.denoise(vectors["ddim.input_ids"], vectors["ddim.attention_mask"], vectors["ddim.initial_latents"],
-                           num_inference_steps=3, guidance_scale=6.5, reuse_prefix=reuse_prefix, progress=False)
-    assert torch.equal(pipe.scheduler.timesteps, vectors["ddim.timesteps"])
-    assert_close(torch.as_tensor(pipe.scheduler.alphas_cumprod, dtype=torch.float64),
+    scheduler = make_scheduler(model.config.video_generation)
+    latents = denoise(TorchBackend(model), vectors["ddim.input_ids"], vectors["ddim.attention_mask"],
+                      vectors["ddim.initial_latents"], num_inference_steps=3, guidance_scale=6.5,
+                      scheduler=scheduler, reuse_prefix=reuse_prefix)
+    assert torch.equal(scheduler.timesteps, vectors["ddim.timesteps"])
+    assert_close(torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64),
                  vectors["ddim.debug.alphas_cumprod"], atol=1e-12)
     assert_close(latents, vectors["ddim.final_latents"], atol=5e-4)
