@@ -26,7 +26,8 @@ class UsageError(Exception):
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", type=Path, help="checkpoint directory (config.json + model.safetensors)")
-    source.add_argument("--preset", help=f"built-in configuration: tiny, small, haplo-omni-9b (default: {DEFAULT_PRESET})")
+    source.add_argument("--preset",
+                        help=f"built-in configuration: tiny, small, haplo-omni-9b (default: {DEFAULT_PRESET})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset, and of sampling")
 
 
@@ -87,8 +88,8 @@ def load_config(args):
     from haplo.config import HaploOmniConfig, preset
 
     if args.checkpoint is not None:
-        from haplo.modeling import CheckpointError
         from haplo.config import ConfigError
+        from haplo.modeling import CheckpointError
 
         try:
             return HaploOmniConfig.from_pretrained(args.checkpoint)

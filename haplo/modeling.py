@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from haplo import ops, vision
-from haplo.config import CONFIG_NAME, ConfigError, HaploOmniConfig, StageConfig, preset
+from haplo.config import ConfigError, HaploOmniConfig, StageConfig, preset
 from haplo.layers import Connector, DecoderLayer, MultimodalNorm, rope_cos_sin
 
 WEIGHTS_NAME = "model.safetensors"

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from haplo import ops
 from haplo.backend import TorchBackend
 from haplo.modeling import HaploOmniForConditionalGeneration, generation_positions
-from haplo.runtime import denoise
 from haplo.pipeline import make_scheduler
+from haplo.runtime import denoise
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-a"
 ATOL = 1e-4
