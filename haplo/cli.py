@@ -120,6 +120,12 @@ def load_processor(args, config):
     return HaploOmniProcessor(tokenizer, config)
 
 
+def note_random_weights(args) -> None:
+    if args.checkpoint is None:
+        print(f"note: preset {args.preset or DEFAULT_PRESET!r} has random weights (seed {args.seed}): the output "
+              "shows the pipeline works, not what a trained model says; pass --checkpoint DIR", file=sys.stderr)
+
+
 def read_video_frames(path: Path, count: int):
     import imageio.v3 as iio
     import numpy as np
@@ -178,6 +184,7 @@ def cmd_understand(args) -> dict:
     result = {"text": text, "token_ids": tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]),
               "seconds": round(elapsed, 4)}
     print(json.dumps(result) if args.json else text)
+    note_random_weights(args)
     return result
 
 
@@ -205,6 +212,7 @@ def cmd_generate(args) -> dict:
                "latent_shape": list(result.latents.shape[1:]), "seconds": round(time.perf_counter() - started, 3)}
     print(json.dumps(summary) if args.json else f"wrote {mp4} and {gif} ({frames.shape[0]} frames, "
           f"{frames.shape[1]}x{frames.shape[2]})")
+    note_random_weights(args)
     return summary
 
 

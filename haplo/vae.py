@@ -26,7 +26,7 @@ def load_vae(directory: str | Path, dtype: torch.dtype = torch.float32) -> Autoe
     return vae.eval()
 
 
-def build_random_vae(config: HaploOmniConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_random_vae(config: HaploOmniConfig, seed: int = 0) -> AutoencoderKLCogVideoX:
     """A small randomly initialised VAE with the real architecture and compression factors.
 
     Used by presets, which have no trained weights; a checkpoint's `vae/` folder replaces it.
@@ -38,7 +38,7 @@ def build_random_vae(config: HaploOmniConfig, seed: int = 0, dtype: torch.dtype 
         norm_num_groups=4, temporal_compression_ratio=gen.vae_temporal_compression,
         sample_height=gen.height, sample_width=gen.width, scaling_factor=gen.vae_scaling_factor,
     )
-    return vae.to(dtype).eval()
+    return vae.eval()
 
 
 def vae_for_checkpoint(checkpoint: str | Path | None, config: HaploOmniConfig, vae_dir: str | Path | None = None):
