@@ -1,7 +1,9 @@
 """`haplo-export`: the deployment tool's one entry point.
 
     haplo-export inspect  --preset haplo-omni-9b
-    haplo-export run understand --prompt "Describe the video." --video clip.mp4
+    haplo-export build    --preset tiny --out bundles/tiny
+    haplo-export run --bundle bundles/tiny understand --prompt "Describe the video." --video clip.mp4
+    haplo-export run understand --prompt "Describe the video." --video clip.mp4   (PyTorch)
     haplo-export run generate   --prompt "A red square moves left." --out out/video.mp4
 
 Every command works on a checkpoint directory (`--checkpoint DIR`) or a built-in preset (`--preset`,
@@ -52,7 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--width", type=int, help="video width in pixels (default: config)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    run = sub.add_parser("run", help="run the model on the PyTorch backend")
+    build = sub.add_parser("build", help="export the ONNX graphs, check parity, write a bundle")
+    add_model_args(build)
+    build.add_argument("--out", type=Path, default=Path("bundles") / DEFAULT_PRESET, help="bundle directory")
+    build.add_argument("--precision", default="fp32", choices=["fp32"], help="weights and activations")
+    build.add_argument("--force", action="store_true", help="export every graph even if unchanged")
+    build.add_argument("--decomposed", action="store_true",
+                       help="standard ONNX ops only (no haplo-domain nodes, no TensorRT plugins)")
+    build.add_argument("--frames", type=int, help="video frames the VAE graph is built for (default: config)")
+    build.add_argument("--height", type=int, help="video height the VAE graph is built for (default: config)")
+    build.add_argument("--width", type=int, help="video width the VAE graph is built for (default: config)")
+    build.add_argument("--tokenizer", type=Path, help="tokenizer files to ship (default: checkpoint's, else built-in)")
+    build.add_argument("--atol", type=float, default=1e-4, help="per-graph max abs error budget")
+    build.add_argument("--min-cosine", type=float, default=0.9999, help="per-graph cosine budget")
+    build.add_argument("--min-token-agreement", type=float, default=1.0,
+                       help="teacher-forced greedy agreement budget over 32 steps")
+    build.add_argument("--ddim-atol", type=float, default=1e-3, help="latent error budget after 3 DDIM steps")
+    build.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+
+    run = sub.add_parser("run", help="run the model: PyTorch by default, ONNX Runtime with --bundle")
+    run.add_argument("--bundle", type=Path, help="bundle directory from `haplo-export build` (ONNX Runtime)")
     tasks = run.add_subparsers(dest="task", required=True)
     und = tasks.add_parser("understand", help="answer a prompt about images / a video (autoregressive text)")
     add_run_args(und)
@@ -103,25 +124,44 @@ def load_model(args):
 
     from haplo.modeling import HaploOmniForConditionalGeneration
 
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
     if args.checkpoint is not None:
         return HaploOmniForConditionalGeneration.from_pretrained(args.checkpoint, dtype=dtype)
     return HaploOmniForConditionalGeneration.from_config(load_config(args), seed=args.seed, dtype=dtype)
 
 
-def load_processor(args, config):
-    from haplo.processor import HaploOmniProcessor
+def load_tokenizer_for(args, config):
     from haplo.tokenizer import build_tokenizer, load_tokenizer
 
     directory = args.tokenizer
     if directory is None and args.checkpoint is not None and (args.checkpoint / "tokenizer_config.json").exists():
         directory = args.checkpoint
-    tokenizer = load_tokenizer(directory) if directory is not None else build_tokenizer(config)
-    return HaploOmniProcessor(tokenizer, config)
+    return load_tokenizer(directory) if directory is not None else build_tokenizer(config)
+
+
+def load_backend(args, need_vae: bool = True):
+    """(backend, processor): ONNX Runtime over a bundle, or PyTorch over a checkpoint / preset."""
+    from haplo.processor import HaploOmniProcessor
+
+    if getattr(args, "bundle", None) is not None:
+        from haplo.engines.bundle import Bundle
+        from haplo.engines.onnxruntime import OrtBackend
+        from haplo.tokenizer import load_tokenizer
+
+        bundle = Bundle.open(args.bundle)
+        backend = OrtBackend(bundle, intra_op_threads=args.threads)
+        tokenizer = load_tokenizer(args.tokenizer or bundle.path(bundle.manifest["tokenizer"]))
+        return backend, HaploOmniProcessor(tokenizer, backend.config)
+    from haplo.backend import TorchBackend
+    from haplo.vae import vae_for_checkpoint
+
+    model = load_model(args)
+    vae = vae_for_checkpoint(args.checkpoint, model.config, getattr(args, "vae", None)) if need_vae else None
+    return TorchBackend(model, vae), HaploOmniProcessor(load_tokenizer_for(args, model.config), model.config)
 
 
 def note_random_weights(args) -> None:
-    if args.checkpoint is None:
+    if args.checkpoint is None and getattr(args, "bundle", None) is None:
         print(f"note: preset {args.preset or DEFAULT_PRESET!r} has random weights (seed {args.seed}): the output "
               "shows the pipeline works, not what a trained model says; pass --checkpoint DIR", file=sys.stderr)
 
@@ -163,8 +203,9 @@ def cmd_understand(args) -> dict:
             raise UsageError(f"{image}: no such image file")
     if args.video is not None and not args.video.exists():
         raise UsageError(f"{args.video}: no such video file")
-    model = load_model(args)
-    processor = load_processor(args, model.config)
+    from haplo.runtime import understand
+
+    backend, processor = load_backend(args, need_vae=False)
     placeholders = "<image>\n" * len(args.image) + ("<video>\n" if args.video else "")
     conversation = [{"role": "user", "content": placeholders + args.prompt}]
     videos = [read_video_frames(args.video, args.video_frames)] if args.video else None
@@ -173,8 +214,8 @@ def cmd_understand(args) -> dict:
     except ProcessorError as err:
         raise UsageError(str(err)) from None
     started = time.perf_counter()
-    out = model.generate(
-        **{k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)},
+    out = understand(
+        backend, **{k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)},
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
         stop_token_ids=tuple(processor.stop_token_ids), seed=args.seed)
@@ -182,32 +223,28 @@ def cmd_understand(args) -> dict:
     tokens = out.new_tokens[0].tolist()
     text = processor.decode(tokens, skip_special_tokens=True)
     result = {"text": text, "token_ids": tokens, "prompt_tokens": int(inputs["input_ids"].shape[1]),
-              "seconds": round(elapsed, 4)}
+              "backend": backend.name, "seconds": round(elapsed, 4)}
     print(json.dumps(result) if args.json else text)
     note_random_weights(args)
     return result
 
 
 def cmd_generate(args) -> dict:
-    from haplo.backend import TorchBackend
     from haplo.pipeline import TextToVideoPipeline
-    from haplo.vae import vae_for_checkpoint
     from haplo.video import to_uint8_frames, write_video
 
     if args.out.suffix.lower() != ".mp4":
         raise UsageError(f"--out {args.out}: use a .mp4 path (a .gif is written beside it)")
-    model = load_model(args)
-    processor = load_processor(args, model.config)
-    vae = vae_for_checkpoint(args.checkpoint, model.config, args.vae)
-    pipe = TextToVideoPipeline(TorchBackend(model, vae), processor)
+    backend, processor = load_backend(args)
+    pipe = TextToVideoPipeline(backend, processor)
     started = time.perf_counter()
     result = pipe(args.prompt, args.negative_prompt, args.steps, args.guidance, args.frames, args.height,
                   args.width, seed=args.seed, reuse_prefix=not args.no_prefix_reuse, progress=True)
     frames = to_uint8_frames(result.videos[0])
-    fps = model.config.video_generation.fps
+    fps = backend.config.video_generation.fps
     mp4 = write_video(frames, args.out, fps)
     gif = write_video(frames, args.out.with_suffix(".gif"), fps)
-    summary = {"video": str(mp4), "gif": str(gif), "frames": int(frames.shape[0]),
+    summary = {"video": str(mp4), "gif": str(gif), "backend": backend.name, "frames": int(frames.shape[0]),
                "height": int(frames.shape[1]), "width": int(frames.shape[2]),
                "latent_shape": list(result.latents.shape[1:]), "seconds": round(time.perf_counter() - started, 3)}
     print(json.dumps(summary) if args.json else f"wrote {mp4} and {gif} ({frames.shape[0]} frames, "
@@ -216,9 +253,53 @@ def cmd_generate(args) -> dict:
     return summary
 
 
+def cmd_build(args) -> dict:
+    from haplo.export.bundle import BuildOptions, build_bundle
+    from haplo.export.validate import Tolerances
+    from haplo.vae import vae_for_checkpoint
+
+    model = load_model(args)
+    config = model.config
+    gen = config.video_generation
+    video = (args.frames or gen.num_frames, args.height or gen.height, args.width or gen.width)
+    config.video_generation.latent_shape(*video)  # validates the size before any work
+    source = {"checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
+              "preset": None if args.checkpoint else (args.preset or DEFAULT_PRESET),
+              "seed": None if args.checkpoint else args.seed,
+              "name": str(args.checkpoint) if args.checkpoint else (args.preset or DEFAULT_PRESET)}
+    options = BuildOptions(
+        out=args.out, decomposed=args.decomposed, force=args.force, video=video, source=source,
+        tolerances=Tolerances(args.atol, args.min_cosine, args.min_token_agreement, args.ddim_atol))
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    manifest = build_bundle(model, vae_for_checkpoint(args.checkpoint, config), load_tokenizer_for(args, config),
+                            options, log)
+    summary = {"bundle": str(args.out), "precision": manifest["precision"], "graphs": list(manifest["graphs"]),
+               "parity": manifest["parity"], "build_seconds": manifest["build_seconds"]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        p = manifest["parity"]
+        print(f"wrote {args.out}: {len(manifest['graphs'])} graphs, worst max abs error "
+              f"{max(p['max_abs_error'].values()):.2g}, token agreement {p['token_agreement']:.0%}, "
+              f"DDIM latent error {p['ddim_max_abs_error']:.2g} ({manifest['build_seconds']}s)")
+        usable, reason = _tensorrt_status()
+        if not usable:
+            print("note: built for ONNX Runtime; TensorRT engines need an NVIDIA GPU with TensorRT "
+                  f"({reason})")
+    return summary
+
+
+def _tensorrt_status() -> tuple[bool, str]:
+    from haplo.engines.tensorrt import tensorrt_status
+
+    return tensorrt_status()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from haplo.config import ConfigError
+    from haplo.engines.bundle import BundleError
+    from haplo.export.validate import ParityError
     from haplo.modeling import CheckpointError
     from haplo.tokenizer import TokenizerError
     from haplo.vae import VAEError
@@ -230,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             cmd_inspect(args)
+        elif args.command == "build":
+            cmd_build(args)
         elif args.task == "understand":
             cmd_understand(args)
         else:
             cmd_generate(args)
-    except (UsageError, ConfigError, CheckpointError, TokenizerError, VAEError) as err:
+    except (UsageError, ConfigError, CheckpointError, TokenizerError, VAEError, BundleError, ParityError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

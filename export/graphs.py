@@ -1,0 +1,257 @@
+"""The model cut into ONNX graphs, one per piece the runtime drives (see `haplo.backend.Backend`).
+
+    embed_text        input_ids                                  -> inputs_embeds
+    embed_vision      pixel_values                               -> patch_features
+    embed_generation  latents, timestep                          -> time_token, latent_tokens, temb
+    pre_decoder       hidden_states, position_ids, key_start,    -> hidden_states_out,
+    base_decoder        past_key_values.N.key/value (N: global       present.N.key/value
+    post_decoder        layer index, this stage's layers)
+    lm_head           last_decoder_hidden_state                  -> logits
+    latent_head       hidden_states, temb, latents (shape only)  -> sample (v-prediction)
+    vae_decoder       latents [B, C, F, h, w] (scaled)           -> video [B, 3, frames, H, W]
+
+Dimension names are stable across graphs so a server can bind them: batch, sequence,
+past_sequence, total_sequence (= past + sequence), num_tiles, visual_tokens, latent_frames,
+latent_height, latent_width.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from haplo.export.custom_ops import TRANSLATIONS, attach_functions, routed_to_custom_ops
+from torch import nn
+
+# Opset 20: what the dynamo exporter targets natively (no version conversion pass), supported by
+# ONNX Runtime >= 1.17 and by TensorRT 10/11's parser. Nothing we emit needs 21+ (int4 types,
+# the opset-23 Attention/RMSNormalization ops): our own `haplo` ops cover attention and norms.
+OPSET = 20
+# IR 10 is read by every ONNX Runtime and TensorRT parser we support (onnx 1.23 would write 14).
+IR_VERSION = 10
+STAGE_GRAPHS = {"pre": "pre_decoder", "base": "base_decoder", "post": "post_decoder"}
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]  # export sample, in call order
+    outputs: list[str]
+    dims: dict[str, list]  # tensor -> dimension names (str) or fixed sizes (int)
+    check_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # other shapes, for validation
+    layers: list[int] = field(default_factory=list)
+
+
+# -- wrappers: one nn.Module per graph, positional tensors in, tuple out ---------------------------
+
+class EmbedText(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+
+class EmbedVision(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.patch_embed, self.pre_pos_embed = model.model.patch_embed, model.model.pre_pos_embed
+
+    def forward(self, pixel_values):
+        return self.patch_embed(pixel_values) + self.pre_pos_embed
+
+
+class EmbedGeneration(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents, timestep):
+        temb = self.model.time_embed(timestep, latents.shape[0])
+        time_token, latent_tokens = self.model.embed_generation_inputs(latents, temb)
+        return time_token, latent_tokens, temb
+
+
+class DecoderStage(nn.Module):
+    def __init__(self, model, stage: str):
+        super().__init__()
+        self.model, self.stage = model.model, stage
+        self.num_layers = len(self.model.stage_layers(stage))
+
+    def forward(self, hidden_states, position_ids, key_start, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+        out, presents = self.model.stage_forward(self.stage, hidden_states, position_ids, key_start, pairs)
+        return (out, *[t for kv in presents for t in kv])
+
+
+class LMHead(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, last_decoder_hidden_state):
+        return self.model.lm_head(self.model.model.lm_hidden(last_decoder_hidden_state))
+
+
+class LatentHead(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, temb, latents):
+        return self.model.latent_head(hidden_states, temb, latents.shape)
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents).sample.clamp(-1, 1)
+
+
+# -- specs ------------------------------------------------------------------------------------------
+
+def graph_specs(model, vae=None, latent_shape: tuple[int, int, int, int] | None = None) -> list[GraphSpec]:
+    """Every graph of the model with its export sample and a second sample of other shapes.
+
+    `latent_shape` (frames, C, h, w) fixes the VAE decoder's latent size (its causal 3-D convs
+    unroll over frames); the other graphs are dynamic in every named dimension.
+    """
+    cfg = model.config
+    pre, base, post = cfg.pre.hidden_size, cfg.base.hidden_size, cfg.post.hidden_size
+    gen = cfg.video_generation
+    s, patches = cfg.base.default_image_size, cfg.tokens_per_tile
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def ids(*shape):
+        return torch.randint(0, cfg.vocab_size, shape, generator=g)
+
+    specs = [
+        GraphSpec("embed_text", EmbedText(model), {"input_ids": ids(2, 5)}, ["inputs_embeds"],
+                  {"input_ids": ["batch", "sequence"], "inputs_embeds": ["batch", "sequence", pre]},
+                  {"input_ids": ids(1, 9)}),
+        GraphSpec("embed_vision", EmbedVision(model), {"pixel_values": randn(2, 3, s, s)}, ["patch_features"],
+                  {"pixel_values": ["num_tiles", 3, s, s], "patch_features": ["num_tiles", patches, pre]},
+                  {"pixel_values": randn(3, 3, s, s)}),
+    ]
+    c, p = gen.latent_channels, gen.latent_patch_size
+    specs.append(GraphSpec(
+        "embed_generation", EmbedGeneration(model),
+        {"latents": randn(2, 2, c, 2 * p, 3 * p), "timestep": torch.tensor([999, 500])},
+        ["time_token", "latent_tokens", "temb"],
+        {"latents": ["batch", "latent_frames", c, "latent_height", "latent_width"], "timestep": ["batch"],
+         "time_token": ["batch", 1, pre], "latent_tokens": ["batch", "visual_tokens", pre],
+         "temb": ["batch", gen.time_embed_dim]},
+        {"latents": randn(1, 3, c, 4 * p, 2 * p), "timestep": torch.tensor([250])}))
+    for stage, name in STAGE_GRAPHS.items():
+        stage_cfg = cfg.stages[stage]
+        width_in = {"pre": pre, "base": base, "post": post}[stage]
+        width_out = {"pre": base, "base": post, "post": post}[stage]
+        layers = list(model.model.stage_layers(stage))
+        kv, hd = stage_cfg.num_key_value_heads, stage_cfg.head_dim
+
+        def stage_inputs(batch, length, past, layers=layers, width_in=width_in, kv=kv, hd=hd):
+            inputs = {"hidden_states": randn(batch, length, width_in),
+                      "position_ids": torch.arange(past, past + length).expand(batch, length).contiguous(),
+                      "key_start": torch.arange(past + length).expand(batch, past + length).contiguous()}
+            for n in layers:
+                inputs[f"past_key_values.{n}.key"] = randn(batch, kv, past, hd)
+                inputs[f"past_key_values.{n}.value"] = randn(batch, kv, past, hd)
+            return inputs
+
+        dims = {"hidden_states": ["batch", "sequence", width_in], "position_ids": ["batch", "sequence"],
+                "key_start": ["batch", "total_sequence"],
+                "hidden_states_out": ["batch", "sequence", width_out]}
+        outputs = ["hidden_states_out"]
+        for n in layers:
+            for kind in ("key", "value"):
+                dims[f"past_key_values.{n}.{kind}"] = ["batch", kv, "past_sequence", hd]
+                dims[f"present.{n}.{kind}"] = ["batch", kv, "total_sequence", hd]
+                outputs.append(f"present.{n}.{kind}")
+        specs.append(GraphSpec(name, DecoderStage(model, stage), stage_inputs(2, 5, 3), outputs, dims,
+                               stage_inputs(1, 1, 7), layers))
+    specs.append(GraphSpec(
+        "lm_head", LMHead(model), {"last_decoder_hidden_state": randn(2, 5, post)}, ["logits"],
+        {"last_decoder_hidden_state": ["batch", "sequence", post], "logits": ["batch", "sequence", cfg.vocab_size]},
+        {"last_decoder_hidden_state": randn(1, 1, post)}))
+    specs.append(GraphSpec(
+        "latent_head", LatentHead(model),
+        {"hidden_states": randn(2, 2 * 1 * 3, post), "temb": randn(2, gen.time_embed_dim),
+         "latents": randn(2, 2, c, p, 3 * p)},
+        ["sample"],
+        {"hidden_states": ["batch", "visual_tokens", post], "temb": ["batch", gen.time_embed_dim],
+         "latents": ["batch", "latent_frames", c, "latent_height", "latent_width"],
+         "sample": ["batch", "latent_frames", c, "latent_height", "latent_width"]},
+        {"hidden_states": randn(1, 3 * 2 * 1, post), "temb": randn(1, gen.time_embed_dim),
+         "latents": randn(1, 3, c, 2 * p, p)}))
+    if vae is not None and latent_shape is not None:
+        # Static: the causal 3-D convolutions unroll over frames; the backend decodes row by row.
+        frames, channels, h, w = latent_shape
+        comp, tcomp = gen.vae_spatial_compression, gen.vae_temporal_compression
+        specs.append(GraphSpec(
+            "vae_decoder", VAEDecoder(vae), {"latents": randn(1, channels, frames, h, w)}, ["video"],
+            {"latents": [1, channels, frames, h, w], "video": [1, 3, (frames - 1) * tcomp + 1, h * comp, w * comp]},
+            {"latents": randn(1, channels, frames, h, w)}))
+    return specs
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+def _dynamic_shapes(spec: GraphSpec):
+    """torch.export AUTO dims wherever the spec names a dimension: relations (total = past +
+    sequence) are inferred instead of declared."""
+    auto = torch.export.Dim.AUTO
+    shapes = []
+    for name in spec.inputs:
+        shapes.append({i: auto for i, d in enumerate(spec.dims[name]) if isinstance(d, str)})
+    if isinstance(spec.module, DecoderStage):  # *past arrives as one varargs tuple
+        return (*shapes[:3], tuple(shapes[3:]))
+    return tuple(shapes)
+
+
+def name_dimensions(model: onnx.ModelProto, dims: dict[str, list]) -> None:
+    """Give graph inputs/outputs our stable dimension names (the exporter writes s0, s1 + s2, ...)."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        wanted = dims.get(value.name)
+        if wanted is None:
+            continue
+        shape = value.type.tensor_type.shape
+        for dim, name in zip(shape.dim, wanted):
+            if isinstance(name, str):
+                dim.Clear()
+                dim.dim_param = name
+            else:
+                dim.Clear()
+                dim.dim_value = name
+    del model.graph.value_info[:]  # intermediate shapes used the exporter's symbols
+
+
+def export_graph(spec: GraphSpec, path: Path, decomposed: bool = False) -> onnx.ModelProto:
+    """Export one graph to `path` (+ `path.data` external weights). Returns the model without weights."""
+    with routed_to_custom_ops(not decomposed), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            spec.module, tuple(spec.inputs.values()), dynamo=True, dynamic_shapes=_dynamic_shapes(spec),
+            input_names=list(spec.inputs), output_names=spec.outputs, opset_version=OPSET,
+            custom_translation_table=TRANSLATIONS, optimize=True, verbose=False, report=False,
+        )
+    model = program.model_proto
+    model.ir_version = IR_VERSION
+    name_dimensions(model, spec.dims)
+    attach_functions(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # save appends to an existing external-data file
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return onnx.load(str(path), load_external_data=False)

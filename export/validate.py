@@ -1,0 +1,111 @@
+"""Parity of exported graphs against PyTorch, per graph and end to end (what goes in parity.json).
+
+Per graph (on the export sample and on a second sample of other shapes): output names, dimension
+names, shapes, max abs error, cosine similarity, NaN/Inf. End to end: teacher-forced greedy token
+agreement over N decode steps (every step scores the candidate's argmax on the reference's
+prefix, so one early flip does not hide the rest), and the latents after a few guided DDIM steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from haplo.export.graphs import GraphSpec
+
+from haplo.backend import Backend
+from haplo.runtime import DecodeState, denoise, embed_understanding, forward_tokens, understand
+
+
+@dataclass
+class Tolerances:
+    atol: float = 1e-4  # per-graph max abs error
+    min_cosine: float = 0.9999  # per-graph cosine similarity
+    min_token_agreement: float = 1.0  # teacher-forced greedy agreement
+    ddim_atol: float = 1e-3  # latents after the DDIM check
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ParityError(RuntimeError):
+    """Exported graphs that do not reproduce PyTorch within the tolerances."""
+
+
+def compare(actual: np.ndarray, expected: np.ndarray) -> dict:
+    actual64, expected64 = actual.astype(np.float64).ravel(), expected.astype(np.float64).ravel()
+    finite = bool(np.isfinite(actual64).all())
+    norm = np.linalg.norm(actual64) * np.linalg.norm(expected64)
+    cosine = float(actual64 @ expected64 / norm) if norm > 0 else float(np.array_equal(actual64, expected64))
+    return {"max_abs_error": float(np.abs(actual64 - expected64).max()) if actual64.size else 0.0,
+            "cosine": cosine, "finite": finite, "shape": list(actual.shape)}
+
+
+def validate_graph(spec: GraphSpec, onnx_path, tolerances: Tolerances,
+                   options: ort.SessionOptions | None = None) -> dict:
+    """Run one exported graph in ONNX Runtime against its torch module on both samples."""
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    problems = []
+    names = [o.name for o in session.get_outputs()]
+    if names != spec.outputs:
+        problems.append(f"output names {names} != {spec.outputs}")
+    for value in list(session.get_inputs()) + list(session.get_outputs()):
+        wanted = spec.dims.get(value.name)
+        if wanted is not None and [d if isinstance(d, str) else d for d in value.shape] != wanted:
+            problems.append(f"{value.name} dims {value.shape} != {wanted}")
+    worst = {"max_abs_error": 0.0, "cosine": 1.0, "finite": True}
+    outputs = {}
+    for sample in (spec.inputs, spec.check_inputs):
+        got = session.run(None, {k: v.numpy() for k, v in sample.items()})
+        with torch.no_grad():
+            want = spec.module(*sample.values())
+        want = want if isinstance(want, tuple) else (want,)
+        for name, a, b in zip(spec.outputs, got, want):
+            if list(a.shape) != list(b.shape):
+                problems.append(f"{name} shape {list(a.shape)} != torch {list(b.shape)}")
+                continue
+            stats = compare(a, b.float().numpy())
+            outputs[name] = stats
+            worst["max_abs_error"] = max(worst["max_abs_error"], stats["max_abs_error"])
+            worst["cosine"] = min(worst["cosine"], stats["cosine"])
+            worst["finite"] &= stats["finite"]
+    if not worst["finite"]:
+        problems.append("NaN or Inf in the outputs")
+    if worst["max_abs_error"] > tolerances.atol:
+        problems.append(f"max abs error {worst['max_abs_error']:.3g} > {tolerances.atol:g}")
+    if worst["cosine"] < tolerances.min_cosine:
+        problems.append(f"cosine {worst['cosine']:.6f} < {tolerances.min_cosine}")
+    return {**worst, "outputs": outputs, "problems": problems, "ok": not problems}
+
+
+@torch.no_grad()
+def token_agreement(reference: Backend, candidate: Backend, inputs: dict, steps: int = 32) -> dict:
+    """Greedy decode on `reference`; the candidate predicts each next token from the same prefix."""
+    ref = understand(reference, **inputs, max_new_tokens=steps)
+    tokens = ref.new_tokens
+    embeds = embed_understanding(candidate, inputs["input_ids"], inputs.get("pixel_values"),
+                                 inputs.get("image_sizes"), inputs.get("pixel_values_videos"))
+    logits, state = forward_tokens(candidate, embeds, inputs["attention_mask"], inputs.get("attention_start_ids"),
+                                   DecodeState())
+    agree = []
+    for step in range(tokens.shape[1]):
+        agree.append(logits.argmax(-1) == tokens[:, step])
+        if step + 1 < tokens.shape[1]:
+            step_mask = torch.ones_like(tokens[:, :1])
+            logits, state = forward_tokens(candidate, candidate.embed_text(tokens[:, step:step + 1]), step_mask, None,
+                                           state)
+    agree = torch.stack(agree, dim=1)
+    mismatches = (~agree).nonzero()
+    return {"steps": int(tokens.shape[1]), "agreement": float(agree.float().mean()),
+            "first_mismatch_step": int(mismatches[0, 1]) if len(mismatches) else None,
+            "reference_tokens": tokens.tolist()}
+
+
+@torch.no_grad()
+def ddim_parity(reference: Backend, candidate: Backend, input_ids, attention_mask, latents, steps: int = 3,
+                guidance: float = 6.5) -> dict:
+    a = denoise(reference, input_ids, attention_mask, latents, steps, guidance)
+    b = denoise(candidate, input_ids, attention_mask, latents, steps, guidance)
+    return {"steps": steps, "guidance": guidance, **compare(b.numpy(), a.numpy())}
