@@ -55,7 +55,8 @@ class Bundle:
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise BundleError(f"{path}: corrupt manifest ({err.msg} at line {err.lineno}); rebuild the bundle") from None
+            raise BundleError(f"{path}: corrupt manifest ({err.msg} at line {err.lineno}); "
+                              "rebuild the bundle") from None
         if manifest.get("format") != FORMAT:
             raise BundleError(f"{path}: not a {FORMAT} manifest")
         if manifest.get("format_version") != FORMAT_VERSION:

@@ -79,7 +79,8 @@ class OrtBackend(Backend):
 
     def embed_videos(self, pixel_values_videos):
         batch = pixel_values_videos.shape[0]
-        features = self._patch_features(pixel_values_videos.flatten(0, 1)).reshape(batch, -1, self.config.pre.hidden_size)
+        features = self._patch_features(pixel_values_videos.flatten(0, 1))
+        features = features.reshape(batch, -1, self.config.pre.hidden_size)
         return [torch.cat([f, self.constants["image_newline"][None]]) for f in features]
 
     def embed_generation(self, latents, timestep):

@@ -59,7 +59,8 @@ def library_versions() -> dict:
 
 def _code_digest() -> str:
     digest = hashlib.sha256()
-    for path in sorted(Path(graphs.__file__).parent.glob("*.py")) + [Path(haplo.__file__).parent / f for f in CODE_FILES]:
+    export_code = sorted(Path(graphs.__file__).parent.glob("*.py"))
+    for path in export_code + [Path(haplo.__file__).parent / f for f in CODE_FILES]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
