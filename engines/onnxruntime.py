@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import torch
-from haplo.engines.bundle import Bundle
 from safetensors.torch import load_file
 
 from haplo import vision
 from haplo.backend import Backend
+from haplo.engines.bundle import Bundle
 
 STAGE_GRAPHS = {"pre": "pre_decoder", "base": "base_decoder", "post": "post_decoder"}
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}

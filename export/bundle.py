@@ -23,13 +23,13 @@ from pathlib import Path
 
 import onnx
 import torch
+from safetensors.torch import save_file
+
+import haplo
 from haplo.engines.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, BundleError, sha256_file
 from haplo.export import custom_ops, graphs
 from haplo.export.graphs import GraphSpec, export_graph, graph_specs
 from haplo.export.validate import ParityError, Tolerances, ddim_parity, token_agreement, validate_graph
-from safetensors.torch import save_file
-
-import haplo
 
 CODE_FILES = ["ops.py", "layers.py", "modeling.py"]  # model code a graph depends on, besides export/
 LIBRARIES = ["torch", "onnx", "onnxruntime", "onnxscript", "transformers", "diffusers", "numpy"]
@@ -128,9 +128,8 @@ def _write_report(tmp: Path, manifest: dict, parity: dict) -> None:
 
 def build_bundle(model, vae, tokenizer, options: BuildOptions, log: Callable[[str], None] = print) -> dict:
     """Export, validate and write a bundle at `options.out`. Returns the manifest."""
-    from haplo.engines.onnxruntime import OrtBackend
-
     from haplo.backend import TorchBackend
+    from haplo.engines.onnxruntime import OrtBackend
     from haplo.processor import HaploOmniProcessor
 
     started = time.perf_counter()

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import onnx
 import torch
-from haplo.export.custom_ops import TRANSLATIONS, attach_functions, routed_to_custom_ops
 from torch import nn
+
+from haplo.export.custom_ops import TRANSLATIONS, attach_functions, routed_to_custom_ops
 
 # Opset 20: what the dynamo exporter targets natively (no version conversion pass), supported by
 # ONNX Runtime >= 1.17 and by TensorRT 10/11's parser. Nothing we emit needs 21+ (int4 types,

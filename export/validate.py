@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnxruntime as ort
 import torch
-from haplo.export.graphs import GraphSpec
 
 from haplo.backend import Backend
+from haplo.export.graphs import GraphSpec
 from haplo.runtime import DecodeState, denoise, embed_understanding, forward_tokens, understand
 
 
