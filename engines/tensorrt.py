@@ -13,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
 import torch
+
+from haplo.engines.graph_backend import STAGE_GRAPHS, GraphBackend
 
 PLUGIN_NAMESPACE = "haplo"
 PLUGIN_VERSION = "1"
@@ -310,6 +313,7 @@ class EngineRunner:
         self.profile = -1
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[tuple, tuple] = {}
+        self.seen: dict[tuple, int] = {}
 
     def select_profile(self, index: int) -> None:
         if index != self.profile:
@@ -349,6 +353,12 @@ class EngineRunner:
             self.stream.synchronize()
             return out
         key = (profile, slot, *(tuple(feeds[n].shape) for n in self.inputs))
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if key not in self.graphs and self.seen[key] < 2:  # capture only shapes that repeat (DDIM steps)
+            with torch.cuda.stream(self.stream):
+                out = self._enqueue(feeds, slot)
+            self.stream.synchronize()
+            return out
         if key not in self.graphs:
             static = {n: t.clone() for n, t in feeds.items()}
             with torch.cuda.stream(self.stream):
@@ -364,3 +374,110 @@ class EngineRunner:
         graph.replay()
         self.stream.synchronize()
         return outputs
+
+
+# -- bundles: engines for every graph, and the runtime backend over them ---------------------------------
+
+ENGINE_DIR = "engines"
+
+
+def graph_profiles(entry: dict, ranges: ShapeRanges) -> dict[str, dict[str, tuple]]:
+    """Decoders get a prefill and a decode profile (index 0 and 1); every other graph one profile."""
+    kinds = {"prefill": False, "decode": True} if entry.get("layers") else {"default": False}
+    return {name: {i["name"]: input_shape_range(i["shape"], profile_dims(ranges, decode)) for i in entry["inputs"]}
+            for name, decode in kinds.items()}
+
+
+def build_bundle_engines(root: Path, manifest: dict, ranges: ShapeRanges, options: BuildOptions,
+                         log=print) -> dict:
+    """Build one engine per graph of a (temporary) bundle directory; returns the manifest's `engines`."""
+    trt = _require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    engines = {}
+    for i, (name, entry) in enumerate(manifest["graphs"].items(), 1):
+        plan = root / ENGINE_DIR / f"{name}.plan"
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        profiles = graph_profiles(entry, ranges)
+        started = time.perf_counter()
+        meta = build_engine(name, root / entry["file"], plan, profiles, entry["precision"], options, logger)
+        log(f"[{i}/{len(manifest['graphs'])}] engine {name}: {len(profiles)} profile(s), plugins "
+            f"{meta.plugins or 'none'}, {time.perf_counter() - started:.1f}s")
+        engines[name] = {"file": f"{ENGINE_DIR}/{plan.name}", "metadata": f"{ENGINE_DIR}/{plan.stem}{METADATA_SUFFIX}",
+                         "profiles": list(profiles), "precision": entry["precision"], "plugins": meta.plugins,
+                         "tensorrt_version": meta.tensorrt_version, "compute_capability": meta.compute_capability}
+    return engines
+
+
+class TensorRTBackend(GraphBackend):
+    """The runtime over a bundle's engines: device-resident KV cache, CUDA graphs for repeated shapes.
+
+    TensorRT profiles need past length >= 1, so every decoder call carries one dead cache slot in
+    front (zeros, key start MASKED_START: never visible); the runtime's block starts are shifted
+    by one to match, so masks and RoPE positions are unchanged.
+    """
+
+    name = "tensorrt"
+
+    @classmethod
+    def from_bundle(cls, bundle, **kwargs) -> "TensorRTBackend":
+        return cls(bundle, **kwargs)
+
+    def __init__(self, bundle, cuda_graphs: bool = True, rebuild: bool = True):
+        super().__init__(bundle)
+        _require_tensorrt()
+        if not self.bundle.manifest.get("engines"):
+            from haplo.engines.bundle import BundleError
+
+            raise BundleError(f"{self.bundle.root}: the bundle has no TensorRT engines; build it with "
+                              "`haplo-export build --target tensorrt` on a machine with an NVIDIA GPU")
+        self.cuda_graphs, self.rebuild = cuda_graphs, rebuild
+        self.runners: dict[str, EngineRunner] = {}
+        self.slots = {stage: 0 for stage in STAGE_GRAPHS}
+
+    def runner(self, graph: str) -> EngineRunner:
+        if graph not in self.runners:
+            entry = self.bundle.manifest["engines"][graph]
+            plan, source = self.bundle.path(entry["file"]), self.bundle.graph_path(graph)
+            reason = load_metadata(plan).mismatch(sha256_file(source))
+            if reason is not None:
+                if not self.rebuild:
+                    raise EngineError(f"{plan}: {reason}; rebuild the bundle's engines")
+                meta = load_metadata(plan)
+                profiles = {p: {n: tuple(tuple(s) for s in v) for n, v in shapes.items()}
+                            for p, shapes in meta.profiles.items()}
+                build_engine(graph, source, plan, profiles, meta.precision, BuildOptions(refit=meta.refittable))
+            self.runners[graph] = EngineRunner(plan, cuda_graphs=self.cuda_graphs)
+        return self.runners[graph]
+
+    def run(self, graph, **inputs):
+        runner = self.runner(graph)
+        out = runner(inputs)
+        return [out[name].float().cpu() for name in runner.outputs]
+
+    def run_stage(self, stage, hidden, position_ids, key_start, past=None):
+        graph = STAGE_GRAPHS[stage]
+        layers = self.bundle.graphs[graph]["layers"]
+        batch = hidden.shape[0]
+        key_start = key_start.long()
+        key_start = torch.where(key_start < MASKED_START, key_start + 1, key_start)
+        key_start = torch.cat([torch.full((batch, 1), MASKED_START, dtype=torch.long), key_start], dim=1)
+        if past is None:
+            cfg = self.config.stages[stage]
+            dead = torch.zeros(batch, cfg.num_key_value_heads, 1, cfg.head_dim, device="cuda")
+            past = [dead] * (2 * len(layers))
+        feeds = {"hidden_states": hidden, "position_ids": position_ids.long(), "key_start": key_start}
+        for i, n in enumerate(layers):
+            feeds[f"past_key_values.{n}.key"], feeds[f"past_key_values.{n}.value"] = past[2 * i], past[2 * i + 1]
+        # Alternate output slots: this call's present must not overwrite the past it reads.
+        self.slots[stage] ^= 1
+        out = self.runner(graph)(feeds, profile=1 if hidden.shape[1] == 1 else 0, slot=self.slots[stage])
+        presents = [out[f"present.{n}.{kind}"] for n in layers for kind in ("key", "value")]
+        return out["hidden_states_out"].float().cpu(), presents
+
+    def keep_cache(self, past):
+        # A cache reused by many later calls (the text prefix) must leave the runner's output arenas.
+        return [t.clone() for t in past]
+
+    def expand_past(self, past, repeats):
+        return [t.repeat_interleave(repeats, 0) for t in past]
+

@@ -17,6 +17,7 @@ latent_height, latent_width.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,13 +240,19 @@ def name_dimensions(model: onnx.ModelProto, dims: dict[str, list]) -> None:
 
 def export_graph(spec: GraphSpec, path: Path, decomposed: bool = False) -> onnx.ModelProto:
     """Export one graph to `path` (+ `path.data` external weights). Returns the model without weights."""
-    with routed_to_custom_ops(not decomposed), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            spec.module, tuple(spec.inputs.values()), dynamo=True, dynamic_shapes=_dynamic_shapes(spec),
-            input_names=list(spec.inputs), output_names=spec.outputs, opset_version=OPSET,
-            custom_translation_table=TRANSLATIONS, optimize=True, verbose=False, report=False,
-        )
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)  # "torchvision is not installed", once per graph
+    try:
+        with routed_to_custom_ops(not decomposed), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                spec.module, tuple(spec.inputs.values()), dynamo=True, dynamic_shapes=_dynamic_shapes(spec),
+                input_names=list(spec.inputs), output_names=spec.outputs, opset_version=OPSET,
+                custom_translation_table=TRANSLATIONS, optimize=True, verbose=False, report=False,
+            )
+    finally:
+        registration_log.setLevel(level)
     model = program.model_proto
     model.ir_version = IR_VERSION
     name_dimensions(model, spec.dims)

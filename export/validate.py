@@ -25,6 +25,10 @@ class Tolerances:
     min_cosine: float = 0.9999  # per-graph cosine similarity
     min_token_agreement: float = 1.0  # teacher-forced greedy agreement
     ddim_atol: float = 1e-3  # latents after the DDIM check
+    # Budgets of quantized / low-precision bundles, against the fp32 PyTorch model.
+    quant_min_cosine: float = 0.99  # per low-precision graph
+    quant_min_token_agreement: float = 0.9
+    quant_min_latent_cosine: float = 0.99
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,9 +107,19 @@ def token_agreement(reference: Backend, candidate: Backend, inputs: dict, steps:
             "reference_tokens": tokens.tolist()}
 
 
+def psnr(actual: np.ndarray, expected: np.ndarray, peak_to_peak: float = 2.0) -> float:
+    """Video PSNR in dB for values in [-1, 1]."""
+    mse = float(np.mean((actual.astype(np.float64) - expected.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(peak_to_peak**2 / mse)
+
+
 @torch.no_grad()
 def ddim_parity(reference: Backend, candidate: Backend, input_ids, attention_mask, latents, steps: int = 3,
-                guidance: float = 6.5) -> dict:
+                guidance: float = 6.5, decode: bool = False) -> dict:
+    """Latents after `steps` guided DDIM steps on both; with `decode`, the video PSNR of the VAE decode."""
     a = denoise(reference, input_ids, attention_mask, latents, steps, guidance)
     b = denoise(candidate, input_ids, attention_mask, latents, steps, guidance)
-    return {"steps": steps, "guidance": guidance, **compare(b.numpy(), a.numpy())}
+    result = {"steps": steps, "guidance": guidance, **compare(b.numpy(), a.numpy())}
+    if decode:
+        result["video_psnr_db"] = psnr(candidate.vae_decode(b).numpy(), reference.vae_decode(a).numpy())
+    return result

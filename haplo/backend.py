@@ -61,6 +61,11 @@ class Backend(ABC):
         """[B, F, C, h, w] latents -> [B, 3, frames, H, W] video in [-1, 1]."""
 
     # -- cache helpers shared by every backend ------------------------------------------------------
+    def keep_cache(self, past):
+        """A cache that later calls reuse many times (the text prefix); backends that recycle output
+        buffers copy it out here."""
+        return past
+
     def expand_past(self, past, repeats: int):
         """The same cache for `repeats` consecutive copies of each batch row (CFG reuse)."""
         return [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in past]

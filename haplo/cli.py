@@ -5,6 +5,7 @@
     haplo-export run --bundle bundles/tiny understand --prompt "Describe the video." --video clip.mp4
     haplo-export run understand --prompt "Describe the video." --video clip.mp4   (PyTorch)
     haplo-export run generate   --prompt "A red square moves left." --out out/video.mp4
+    haplo-export bench    --preset small --backends torch,onnxruntime --precisions fp32,int8
 
 Every command works on a checkpoint directory (`--checkpoint DIR`) or a built-in preset (`--preset`,
 default `tiny`, randomly initialised with `--seed`). Bad input ends with one `error:` line, exit code 2.
@@ -57,7 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="export the ONNX graphs, check parity, write a bundle")
     add_model_args(build)
     build.add_argument("--out", type=Path, default=Path("bundles") / DEFAULT_PRESET, help="bundle directory")
-    build.add_argument("--precision", default="fp32", choices=["fp32"], help="weights and activations")
+    build.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
+                       help="precision of the decoder graphs (Q/DQ for int8/fp8, casts for fp16/bf16); heads, "
+                       "embeddings and the VAE stay fp32 unless --graph-precision says otherwise (default: fp32)")
+    build.add_argument("--target", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
+                       help="auto: TensorRT engines when an NVIDIA GPU and TensorRT are present, else ONNX Runtime")
+    build.add_argument("--graph-precision", action="append", default=[], metavar="GRAPH=PRECISION",
+                       help="override the precision policy for one graph, e.g. lm_head=int8 (repeatable)")
+    build.add_argument("--exclude-modules", action="append", default=[], metavar="REGEX",
+                       help="keep matmuls of modules matching REGEX in fp32, e.g. 'layers\\.0\\.' (repeatable)")
+    build.add_argument("--quant-min-cosine", type=float, default=0.99,
+                       help="per-graph cosine budget of low-precision graphs against fp32 PyTorch")
+    build.add_argument("--quant-min-token-agreement", type=float, default=0.9,
+                       help="greedy agreement budget of low-precision bundles")
+    build.add_argument("--quant-min-latent-cosine", type=float, default=0.99,
+                       help="DDIM latent cosine budget of low-precision bundles")
     build.add_argument("--force", action="store_true", help="export every graph even if unchanged")
     build.add_argument("--decomposed", action="store_true",
                        help="standard ONNX ops only (no haplo-domain nodes, no TensorRT plugins)")
@@ -100,6 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output video, .mp4 (a .gif is written beside it)")
     gen.add_argument("--no-prefix-reuse", action="store_true",
                      help="recompute the text prefix at every step (slower, same result)")
+    bench = sub.add_parser("bench", help="latency/throughput of every backend and precision, side by side",
+                           description="Runs torch eager (the baseline), ONNX Runtime and TensorRT (when present) "
+                           "on the same inputs in one process; writes results.json, table.txt and PNG plots.")
+    bench_source = bench.add_mutually_exclusive_group()
+    bench_source.add_argument("--checkpoint", type=Path, help="checkpoint directory")
+    bench_source.add_argument("--preset", help="built-in configuration (default: small)")
+    bench_source.add_argument("--bundle", type=Path, help="benchmark this bundle (torch baseline from its source)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--backends", default="torch,onnxruntime,tensorrt",
+                       help="comma list of torch, torch-compile, onnxruntime, tensorrt (default: %(default)s)")
+    bench.add_argument("--precisions", default="fp32",
+                       help="comma list for onnxruntime/tensorrt: fp32, fp16, bf16, int8, fp8 (default: %(default)s)")
+    bench.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: cores)")
+    bench.add_argument("--warmup", type=int, default=1, help="warm-up runs excluded from the statistics")
+    bench.add_argument("--repeats", type=int, default=3, help="measured runs")
+    bench.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per understanding run")
+    bench.add_argument("--ddim-steps", type=int, default=4, help="DDIM steps of the end-to-end generation run")
+    bench.add_argument("--no-sweeps", action="store_true", help="skip the cache-length and video-size sweeps")
+    bench.add_argument("--past-lengths", default="32,128,256,512,1024", help="decode sweep: cache lengths")
+    bench.add_argument("--videos", default="9x64x64,9x128x128,17x128x128,9x192x192",
+                       help="DDIM sweep: FRAMESxHEIGHTxWIDTH list")
+    bench.add_argument("--out", type=Path, default=Path("bench/results/latest"), help="results directory")
+    bench.add_argument("--work-dir", type=Path, default=Path(".cache/haplo-bench"),
+                       help="where the bundles the benchmark builds are kept (reused across runs)")
+    bench.add_argument("--json", action="store_true", help="print the result document instead of the table")
     return parser
 
 
@@ -267,26 +307,88 @@ def cmd_build(args) -> dict:
               "preset": None if args.checkpoint else (args.preset or DEFAULT_PRESET),
               "seed": None if args.checkpoint else args.seed,
               "name": str(args.checkpoint) if args.checkpoint else (args.preset or DEFAULT_PRESET)}
+    overrides = {}
+    for item in args.graph_precision:
+        graph, _, value = item.partition("=")
+        if not value:
+            raise UsageError(f"--graph-precision {item!r}: expected GRAPH=PRECISION, e.g. lm_head=fp32")
+        overrides[graph.strip()] = value.strip()
+    usable, reason = _tensorrt_status()
+    target = args.target
+    if target == "auto":
+        target = "tensorrt" if usable else "onnxruntime"
+    elif target == "tensorrt" and not usable:
+        raise UsageError(f"--target tensorrt: TensorRT engines need an NVIDIA GPU with TensorRT ({reason}); "
+                         "use --target onnxruntime (or auto) on this machine")
     options = BuildOptions(
         out=args.out, decomposed=args.decomposed, force=args.force, video=video, source=source,
-        tolerances=Tolerances(args.atol, args.min_cosine, args.min_token_agreement, args.ddim_atol))
+        precision=args.precision, target=target, graph_precision=overrides, exclude_modules=tuple(args.exclude_modules),
+        tolerances=Tolerances(args.atol, args.min_cosine, args.min_token_agreement, args.ddim_atol,
+                              args.quant_min_cosine, args.quant_min_token_agreement, args.quant_min_latent_cosine))
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     manifest = build_bundle(model, vae_for_checkpoint(args.checkpoint, config), load_tokenizer_for(args, config),
                             options, log)
-    summary = {"bundle": str(args.out), "precision": manifest["precision"], "graphs": list(manifest["graphs"]),
+    summary = {"bundle": str(args.out), "precision": manifest["precision"], "target": manifest["target"],
+               "graphs": list(manifest["graphs"]), "engines": list(manifest.get("engines", {})),
                "parity": manifest["parity"], "build_seconds": manifest["build_seconds"]}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         p = manifest["parity"]
-        print(f"wrote {args.out}: {len(manifest['graphs'])} graphs, worst max abs error "
+        print(f"wrote {args.out}: {len(manifest['graphs'])} graphs ({manifest['precision']}), export max abs error "
               f"{max(p['max_abs_error'].values()):.2g}, token agreement {p['token_agreement']:.0%}, "
               f"DDIM latent error {p['ddim_max_abs_error']:.2g} ({manifest['build_seconds']}s)")
-        usable, reason = _tensorrt_status()
-        if not usable:
+        for graph, cosine in p["quantized_cosine"].items():
+            print(f"  {graph}: {manifest['graphs'][graph]['precision']} cosine vs fp32 {cosine:.5f}")
+        if p.get("video_psnr_db"):
+            print(f"  decoded video PSNR vs fp32 PyTorch: {p['video_psnr_db']:.1f} dB")
+        if target != "tensorrt":
             print("note: built for ONNX Runtime; TensorRT engines need an NVIDIA GPU with TensorRT "
                   f"({reason})")
     return summary
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
+def _video_list(text: str) -> list[tuple[int, int, int]]:
+    videos = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise UsageError(f"--videos {item!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 9x128x128")
+        videos.append(tuple(int(p) for p in parts))
+    return videos
+
+
+def cmd_bench(args) -> dict:
+    from haplo.bench.report import table
+    from haplo.bench.runner import BenchError, BenchOptions, run_benchmark, write_outputs
+
+    options = BenchOptions(
+        preset=args.preset or (None if args.checkpoint or args.bundle else "small"), checkpoint=args.checkpoint,
+        bundle=args.bundle, seed=args.seed, backends=[b.strip() for b in args.backends.split(",") if b.strip()],
+        precisions=[p.strip() for p in args.precisions.split(",") if p.strip()], threads=args.threads,
+        warmup=args.warmup, repeats=args.repeats, new_tokens=args.new_tokens, ddim_steps=args.ddim_steps,
+        sweeps=not args.no_sweeps, past_lengths=_int_list(args.past_lengths, "--past-lengths"),
+        videos=_video_list(args.videos), out=args.out, work_dir=args.work_dir)
+    if args.repeats < 1 or args.new_tokens < 2:
+        raise UsageError("--repeats must be >= 1 and --new-tokens >= 2")
+    try:
+        doc = run_benchmark(options)
+    except BenchError as err:
+        raise UsageError(str(err)) from None
+    paths = write_outputs(doc, args.out)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(table(doc))
+        print(f"\nwrote {paths['json']}, {paths['table']} and {len(paths['plots'])} plots in {args.out}")
+    return doc
 
 
 def _tensorrt_status() -> tuple[bool, str]:
@@ -299,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from haplo.config import ConfigError
     from haplo.engines.bundle import BundleError
+    from haplo.export.quantize import QuantizationError
     from haplo.export.validate import ParityError
     from haplo.modeling import CheckpointError
     from haplo.tokenizer import TokenizerError
@@ -313,11 +416,14 @@ def main(argv: list[str] | None = None) -> int:
             cmd_inspect(args)
         elif args.command == "build":
             cmd_build(args)
+        elif args.command == "bench":
+            cmd_bench(args)
         elif args.task == "understand":
             cmd_understand(args)
         else:
             cmd_generate(args)
-    except (UsageError, ConfigError, CheckpointError, TokenizerError, VAEError, BundleError, ParityError) as err:
+    except (UsageError, ConfigError, CheckpointError, TokenizerError, VAEError, BundleError, ParityError,
+            QuantizationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

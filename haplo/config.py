@@ -302,6 +302,17 @@ def _tiny() -> HaploOmniConfig:
     )
 
 
+def _tiny_priors() -> HaploOmniConfig:
+    # `tiny` with the priors' norms (CLIP and CogVideoX: LayerNorm; CogVideoX: q/k norms), so that
+    # tiny random CLIP / Qwen2 / CogVideoX models convert into it: the training tests' model.
+    config = _tiny()
+    config.pre.norm_mode = config.post.norm_mode = "layernorm"
+    config.pre.rms_norm_eps = config.post.rms_norm_eps = 1e-5
+    config.post.use_qk_norm = True
+    config.post.intermediate_size = 4 * config.post.hidden_size  # CogVideoX's feed-forward width
+    return config
+
+
 def _small() -> HaploOmniConfig:
     # About 100M parameters: big enough for CPU benchmarks to mean something, small enough to run.
     vision = dict(vocab_size=8192, patch_size=14, default_image_size=112, image_grid_pinpoints=[[112, 112]],
@@ -337,7 +348,7 @@ def _haplo_omni_9b() -> HaploOmniConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "haplo-omni-9b": _haplo_omni_9b}
+PRESETS = {"tiny": _tiny, "tiny-priors": _tiny_priors, "small": _small, "haplo-omni-9b": _haplo_omni_9b}
 
 
 def preset(name: str) -> HaploOmniConfig:

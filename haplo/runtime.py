@@ -113,6 +113,7 @@ def encode_prompt(backend: Backend, input_ids: torch.Tensor, attention_mask: tor
     key_start, position_ids = generation_positions(attention_mask, 0)  # text + time token: keep the text
     key_start, position_ids = key_start[:, :text_len], position_ids[:, :text_len]
     _, presents = run_stack(backend, backend.embed_text(input_ids), position_ids, key_start)
+    presents = {stage: backend.keep_cache(cache) for stage, cache in presents.items()}
     return DecodeState(presents, key_start, attention_mask.long().sum(-1))
 
 

@@ -1,0 +1,161 @@
+"""Benchmark outputs: the JSON document (stable schema), a terminal table, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SCHEMA = "haplo-bench/1"
+
+# Keys every result document has; `validate` checks them (tests and consumers rely on this).
+TOP_LEVEL = ("schema", "created", "command", "machine", "versions", "settings", "backends", "sweeps")
+BACKEND_KEYS = ("key", "backend", "precision", "status")
+MEASURED_KEYS = ("cold_start", "understanding", "generation", "memory", "roofline", "ratio_to_torch")
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def validate(doc: dict) -> None:
+    """Raise SchemaError naming the first missing or malformed field."""
+    for key in TOP_LEVEL:
+        if key not in doc:
+            raise SchemaError(f"missing top-level key {key!r}")
+    if doc["schema"] != SCHEMA:
+        raise SchemaError(f"schema {doc['schema']!r} != {SCHEMA!r}")
+    for entry in doc["backends"]:
+        for key in BACKEND_KEYS:
+            if key not in entry:
+                raise SchemaError(f"backend entry misses {key!r}: {entry.get('key')}")
+        if entry["status"] == "ok":
+            for key in MEASURED_KEYS:
+                if key not in entry:
+                    raise SchemaError(f"{entry['key']}: missing {key!r}")
+            for key in ("ttft_ms", "tpot_ms", "tokens_per_s", "prefill_stage_ms", "decode_step_stage_ms"):
+                if key not in entry["understanding"]:
+                    raise SchemaError(f"{entry['key']}: understanding misses {key!r}")
+            for key in ("step_ms", "step_without_reuse_ms", "prefix_reuse_saving", "end_to_end_ms"):
+                if key not in entry["generation"]:
+                    raise SchemaError(f"{entry['key']}: generation misses {key!r}")
+        elif "reason" not in entry:
+            raise SchemaError(f"{entry['key']}: status {entry['status']!r} without a reason")
+
+
+def write_json(doc: dict, path: Path) -> Path:
+    validate(doc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(staged, path)
+    return path
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(doc: dict) -> str:
+    """One row per backend/precision: the headline numbers and the ratio to torch eager."""
+    header = ["backend", "prec", "TTFT p50", "TPOT p50", "tok/s", "DDIM step", "no reuse", "reuse saves", "VAE",
+              "peak RSS", "roofline", "TPOT x", "DDIM x"]
+    rows = [header]
+    for entry in doc["backends"]:
+        if entry["status"] != "ok":
+            rows.append([entry["backend"], entry["precision"], f"{entry['status']}: {entry['reason']}"])
+            continue
+        und, gen, ratio = entry["understanding"], entry["generation"], entry["ratio_to_torch"]
+        rows.append([
+            entry["backend"], entry["precision"], _fmt(und["ttft_ms"]["p50"]) + " ms",
+            _fmt(und["tpot_ms"]["p50"]) + " ms",
+            _fmt(und["tokens_per_s"], 1), _fmt(gen["step_ms"]["p50"]) + " ms",
+            _fmt(gen["step_without_reuse_ms"]["p50"]) + " ms", f"{gen['prefix_reuse_saving']:.0%}",
+            _fmt(gen.get("vae_ms", {}).get("p50")) + " ms", _fmt(entry["memory"]["peak_rss_mib"], 0) + " MiB",
+            f"{entry['roofline']['percent_of_bound']:.0f}%", _fmt(ratio.get("tpot"), 2) + "x",
+            _fmt(ratio.get("ddim_step"), 2) + "x",
+        ])
+    widths = [max(len(r[i]) for r in rows if i < len(r) and len(r) == len(header)) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        if len(row) != len(header):
+            lines.append("  ".join(row[:2]) + "  " + row[2])
+        else:
+            lines.append("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in
+                                   enumerate(zip(row, widths))))
+    lines.insert(1, "-" * len(lines[0]))
+    settings, machine = doc["settings"], doc["machine"]
+    lines += ["", f"model {settings['model']}, {settings['threads']} threads, prompt {settings['prompt_tokens']} "
+              f"tokens + {settings['new_tokens']} new, latents {settings['latent_shape']} "
+              f"({settings['latent_tokens']} tokens), {settings['repeats']} repeats after {settings['warmup']} warm-up",
+              f"machine: {machine['cpu']} ({machine['physical_cores']} cores), {machine['memory_gib']} GiB, "
+              f"copy bandwidth {machine['memory_bandwidth']['copy_gbs']:.1f} GB/s",
+              "x = speed-up over torch eager (time of torch / time of the backend); roofline = weight-bandwidth bound "
+              "/ achieved decode step"]
+    return "\n".join(lines)
+
+
+def plots(doc: dict, out_dir: Path) -> list[Path]:
+    """latency.png (headline bars), decode_vs_past.png, ddim_vs_latent_tokens.png, roofline.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ok = [e for e in doc["backends"] if e["status"] == "ok"]
+    written = []
+
+    def save(fig, name):
+        path = out_dir / name
+        staged = out_dir / f".{name}.tmp.png"
+        fig.tight_layout()
+        fig.savefig(staged, dpi=110)
+        plt.close(fig)
+        os.replace(staged, path)
+        written.append(path)
+
+    if ok:
+        metrics = [("TTFT", lambda e: e["understanding"]["ttft_ms"]["p50"]),
+                   ("TPOT", lambda e: e["understanding"]["tpot_ms"]["p50"]),
+                   ("DDIM step", lambda e: e["generation"]["step_ms"]["p50"]),
+                   ("DDIM step, no reuse", lambda e: e["generation"]["step_without_reuse_ms"]["p50"])]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+        for ax, (title, get) in zip(axes, metrics):
+            ax.bar([e["key"] for e in ok], [get(e) for e in ok], color="tab:blue")
+            ax.set_title(f"{title} (p50)")
+            ax.set_ylabel("ms")
+            ax.tick_params(axis="x", rotation=30)
+        save(fig, "latency.png")
+
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        keys = [e["key"] for e in ok]
+        ax.bar(keys, [e["roofline"]["achieved_step_ms"] for e in ok], label="achieved decode step")
+        ax.bar(keys, [e["roofline"]["bound_step_ms"] for e in ok], label="bandwidth bound", alpha=0.8)
+        ax.set_ylabel("ms")
+        ax.set_title("decode step vs memory-bandwidth bound")
+        ax.legend()
+        ax.tick_params(axis="x", rotation=30)
+        save(fig, "roofline.png")
+
+    for sweep, xkey, xlabel, name in (("decode_vs_past", "past_tokens", "past tokens (KV cache length)",
+                                       "decode_vs_past.png"),
+                                      ("ddim_vs_latent_tokens", "latent_tokens", "latent tokens",
+                                       "ddim_vs_latent_tokens.png")):
+        series = doc["sweeps"].get(sweep) or {}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for key, rows in series.items():
+            ax.plot([r[xkey] for r in rows], [r["step_ms"]["p50"] for r in rows], marker="o", label=key)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("step p50 (ms)")
+        ax.set_title("decode step vs cache length" if sweep == "decode_vs_past" else "guided DDIM step vs video size")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, name)
+    return written

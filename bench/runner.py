@@ -1,0 +1,323 @@
+"""`haplo-export bench`: every requested backend and precision, on the same inputs, in one process.
+
+Order of work: load the PyTorch reference (the baseline), build or open one bundle per precision,
+then for each backend/precision: cold start (load + first token), understanding, generation, and
+the scaling sweeps, under a resident-memory sampler. Ratios are against torch eager of the same run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import torch
+
+from haplo.bench import report, workloads
+from haplo.bench.roofline import bundle_decode_weight_bytes, memory_bandwidth_gbs, roofline, torch_decode_weight_bytes
+from haplo.bench.timing import PeakRSS, TimedBackend, gpu_peak_memory_mib
+
+BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+
+
+@dataclass
+class BenchOptions:
+    preset: str | None = "small"
+    checkpoint: Path | None = None
+    bundle: Path | None = None  # benchmark this bundle (its precision) instead of building one
+    seed: int = 0
+    backends: list[str] = field(default_factory=lambda: ["torch", "onnxruntime"])
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    threads: int | None = None  # default: physical cores
+    warmup: int = 1
+    repeats: int = 3
+    new_tokens: int = 32
+    question: str = "What moves in the picture, and in which direction does it go?"
+    ddim_steps: int = 4  # end-to-end run; per-step figures do not depend on it
+    guidance: float = 6.5
+    sweeps: bool = True
+    past_lengths: list[int] = field(default_factory=lambda: [32, 128, 256, 512, 1024])
+    sweep_steps: int = 6
+    videos: list[tuple[int, int, int]] = field(default_factory=lambda: [(9, 64, 64), (9, 128, 128), (17, 128, 128),
+                                                                         (9, 192, 192)])
+    out: Path = Path("bench/results/latest")
+    work_dir: Path = Path(".cache/haplo-bench")
+
+
+class BenchError(ValueError):
+    pass
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "physical_cores": psutil.cpu_count(logical=False), "logical_cores": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu, "os": platform.platform()}
+
+
+def variants(options: BenchOptions) -> list[tuple[str, str]]:
+    unknown = [b for b in options.backends if b not in BACKENDS]
+    if unknown:
+        raise BenchError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    bad = [p for p in options.precisions if p not in PRECISIONS]
+    if bad:
+        raise BenchError(f"unknown precision(s) {', '.join(bad)}; choose from {', '.join(PRECISIONS)}")
+    out = []
+    for backend in options.backends:
+        if backend in ("torch", "torch-compile"):
+            out.append((backend, "fp32"))  # the reference runs in the checkpoint's precision
+        else:
+            out.extend((backend, p) for p in options.precisions)
+    return out
+
+
+class CompiledTorchBackend:
+    """torch.compile (inductor, dynamic shapes) over the decoder stages and heads of the reference."""
+
+    @staticmethod
+    def wrap(model, vae):
+        from haplo.backend import TorchBackend
+
+        backend = TorchBackend(model, vae)
+        backend.name = "torch-compile"
+        # Stages share stage_forward's code: each (stage, prefill/decode) is its own compiled entry.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        compiled = {stage: torch.compile(functools.partial(model.model.stage_forward, stage), dynamic=True)
+                    for stage in ("pre", "base", "post")}
+        head = torch.compile(lambda h: model.lm_head(model.model.lm_hidden(h)), dynamic=True)
+
+        def run_stage(stage, hidden, position_ids, key_start, past=None):
+            with torch.no_grad():
+                return compiled[stage](hidden, position_ids, key_start, past)
+
+        def lm_head(hidden):
+            with torch.no_grad():
+                return head(hidden)
+
+        backend.run_stage, backend.lm_head = run_stage, lm_head
+        return backend
+
+
+def _load_reference(options: BenchOptions):
+    """(model, vae, tokenizer, name) from a checkpoint, a preset, or the source a bundle records."""
+    from haplo.config import preset
+    from haplo.engines.bundle import Bundle
+    from haplo.modeling import HaploOmniForConditionalGeneration
+    from haplo.tokenizer import build_tokenizer, load_tokenizer
+    from haplo.vae import vae_for_checkpoint
+
+    checkpoint, preset_name, seed = options.checkpoint, options.preset, options.seed
+    if options.bundle is not None:
+        source = Bundle.open(options.bundle).manifest.get("source", {})
+        if source.get("checkpoint"):
+            checkpoint = Path(source["checkpoint"])
+            if not checkpoint.exists():
+                raise BenchError(f"the bundle was built from {checkpoint}, which is gone; pass --checkpoint DIR")
+        else:
+            preset_name, seed = source.get("preset"), source.get("seed") or 0
+    if checkpoint is not None:
+        model = HaploOmniForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        tokenizer = (load_tokenizer(checkpoint) if (checkpoint / "tokenizer_config.json").exists()
+                     else build_tokenizer(model.config))
+        name = str(checkpoint)
+    else:
+        model = HaploOmniForConditionalGeneration.from_config(preset(preset_name or "small"), seed=seed)
+        tokenizer, name = build_tokenizer(model.config), preset_name or "small"
+    return model, vae_for_checkpoint(checkpoint, model.config), tokenizer, name
+
+
+def _bundle_for(precision: str, options: BenchOptions, model, vae, tokenizer, name: str, log):
+    from haplo.engines.bundle import Bundle
+    from haplo.export.bundle import BuildOptions, build_bundle
+
+    if options.bundle is not None:
+        bundle = Bundle.open(options.bundle)
+        if bundle.manifest["precision"] != precision:
+            raise BenchError(f"{options.bundle} is a {bundle.manifest['precision']} bundle; ask for "
+                             f"--precisions {bundle.manifest['precision']} or leave --bundle out to build one")
+        return bundle
+    out = options.work_dir / f"{Path(name).name}-seed{options.seed}-{precision}"
+    source = {"checkpoint": str(options.checkpoint.resolve()) if options.checkpoint else None,
+              "preset": None if options.checkpoint else name, "seed": None if options.checkpoint else options.seed,
+              "name": name}
+    log(f"bundle {precision}: {out} (graphs reused when unchanged)")
+    build_bundle(model, vae, tokenizer, BuildOptions(out=out, precision=precision, source=source), log=log)
+    return Bundle.open(out)
+
+
+def _make_backend(kind: str, precision: str, model, vae, bundle, threads: int):
+    if kind == "torch":
+        from haplo.backend import TorchBackend
+
+        return TorchBackend(model, vae)
+    if kind == "torch-compile":
+        return CompiledTorchBackend.wrap(model, vae)
+    if kind == "onnxruntime":
+        from haplo.engines.onnxruntime import OrtBackend
+
+        return OrtBackend(bundle, intra_op_threads=threads)
+    from haplo.engines.tensorrt import TensorRTBackend
+
+    return TensorRTBackend.from_bundle(bundle)
+
+
+def _understanding_inputs(processor, options: BenchOptions) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((96, 160, 3), dtype=np.uint8)
+    pixels[20:60, 30:90] = (220, 40, 40)
+    conversation = [{"role": "user", "content": "<image>\n" + options.question}]
+    inputs = processor(conversations=[conversation], images=[Image.fromarray(pixels)])
+    return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+
+
+def _ratios(entry: dict, base: dict) -> dict:
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    und, gen, bund, bgen = entry["understanding"], entry["generation"], base["understanding"], base["generation"]
+    return {
+        "ttft": ratio(bund["ttft_ms"]["p50"], und["ttft_ms"]["p50"]),
+        "tpot": ratio(bund["tpot_ms"]["p50"], und["tpot_ms"]["p50"]),
+        "tokens_per_s": ratio(und["tokens_per_s"], bund["tokens_per_s"]),
+        "ddim_step": ratio(bgen["step_ms"]["p50"], gen["step_ms"]["p50"]),
+        "ddim_step_without_reuse": ratio(bgen["step_without_reuse_ms"]["p50"], gen["step_without_reuse_ms"]["p50"]),
+        "vae": ratio(bgen.get("vae_ms", {}).get("p50"), gen.get("vae_ms", {}).get("p50")),
+        "end_to_end": ratio(bgen["end_to_end_ms"]["p50"], gen["end_to_end_ms"]["p50"]),
+    }
+
+
+def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = None) -> dict:
+    """Run everything; returns the result document (see `report.validate`)."""
+    from haplo.engines.tensorrt import tensorrt_status
+    from haplo.export.bundle import library_versions
+    from haplo.processor import HaploOmniProcessor
+
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    pairs = variants(options)
+    threads = options.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(options.seed)
+
+    log("measuring memory bandwidth")
+    bandwidth = memory_bandwidth_gbs()
+    started = time.perf_counter()
+    model, vae, tokenizer, name = _load_reference(options)
+    reference_load_s = time.perf_counter() - started
+    model.eval()
+    config = model.config
+    processor = HaploOmniProcessor(tokenizer, config)
+    und_inputs = _understanding_inputs(processor, options)
+    gen_prompt = processor.process_prompt_for_generation(["a red square moves from left to right"], "")
+    gen = config.video_generation
+    latent_shape = gen.latent_shape(gen.num_frames, gen.height, gen.width)
+    bundles = {}
+
+    entries, sweeps = [], {"decode_vs_past": {}, "ddim_vs_latent_tokens": {}}
+    for kind, precision in pairs:
+        key = kind if kind.startswith("torch") else f"{kind}-{precision}"
+        entry = {"key": key, "backend": kind, "precision": precision}
+        entries.append(entry)
+        if kind == "tensorrt":
+            usable, reason = tensorrt_status()
+            if not usable:
+                entry.update(status="skipped", reason=f"TensorRT engines need an NVIDIA GPU with TensorRT ({reason})")
+                log(f"{key}: skipped ({entry['reason']})")
+                continue
+        try:
+            bundle = None
+            if kind in ("onnxruntime", "tensorrt"):
+                if precision not in bundles:
+                    bundles[precision] = _bundle_for(precision, options, model, vae, tokenizer, name, log)
+                bundle = bundles[precision]
+            log(f"{key}: cold start")
+            with PeakRSS() as memory:
+                load_started = time.perf_counter()
+                backend = TimedBackend(_make_backend(kind, precision, model, vae, bundle, threads))
+                load_s = time.perf_counter() - load_started
+                if kind.startswith("torch"):
+                    load_s += reference_load_s
+                first_s = workloads.first_token_seconds(backend, und_inputs)
+                log(f"{key}: understanding ({options.repeats} x {options.new_tokens} tokens)")
+                und = workloads.understanding(backend, und_inputs, options.new_tokens, options.warmup, options.repeats)
+                log(f"{key}: generation (guided DDIM step with and without prefix reuse, VAE, end to end)")
+                generation = workloads.generation(backend, gen_prompt, latent_shape, options.ddim_steps,
+                                                  options.guidance, options.warmup, options.repeats, options.seed)
+                if options.sweeps:
+                    log(f"{key}: sweeps (decode step vs cache length, DDIM step vs latent tokens)")
+                    sweeps["decode_vs_past"][key] = workloads.decode_vs_past(
+                        backend, config, [p for p in options.past_lengths
+                                          if p + options.sweep_steps < config.base.max_position_embeddings],
+                        options.sweep_steps, options.seed)
+                    sweeps["ddim_vs_latent_tokens"][key] = workloads.ddim_vs_latent_tokens(
+                        backend, config, options.videos, gen_prompt, max(2, options.repeats), options.seed)
+            weight_bytes = (torch_decode_weight_bytes(model) if bundle is None
+                            else bundle_decode_weight_bytes(bundle))
+            entry.update(
+                status="ok",
+                cold_start={"load_ms": load_s * 1e3, "first_token_ms": first_s * 1e3,
+                            "total_ms": (load_s + first_s) * 1e3},
+                understanding=und, generation=generation,
+                memory={**memory.to_dict(), "gpu_peak_mib": gpu_peak_memory_mib()},
+                roofline=roofline(weight_bytes, bandwidth["copy_gbs"], und["tpot_ms"]["p50"]),
+            )
+        except Exception as err:  # one failing backend must not lose the others' results
+            if isinstance(err, BenchError):
+                raise
+            entry.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            log(f"{key}: error ({entry['reason']})")
+        finally:
+            backend = None
+
+    baseline = next((e for e in entries if e["key"] == "torch" and e["status"] == "ok"), None)
+    for entry in entries:
+        if entry["status"] == "ok":
+            entry["ratio_to_torch"] = _ratios(entry, baseline) if baseline else {}
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+    settings.update(model=name, threads=threads, prompt_tokens=int(und_inputs["input_ids"].shape[1]),
+                    latent_shape=list(latent_shape),
+                    latent_tokens=workloads._latent_tokens(config, latent_shape),
+                    generation_text_tokens=int(gen_prompt["input_ids"].shape[1]))
+    versions = library_versions()
+    try:
+        import onnxruntime
+
+        versions["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        pass
+    return {
+        "schema": report.SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "haplo-export " + " ".join(sys.argv[1:]) if sys.argv and "haplo-export" in sys.argv[0] else None,
+        "machine": {**machine_info(), "memory_bandwidth": bandwidth}, "versions": versions,
+        "settings": settings, "backends": entries, "sweeps": sweeps,
+    }
+
+
+def write_outputs(doc: dict, out: Path) -> dict:
+    """results.json, table.txt and the plots in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": report.write_json(doc, out / "results.json")}
+    text = report.table(doc)
+    staged = out / ".table.txt.tmp"
+    staged.write_text(text + "\n")
+    os.replace(staged, out / "table.txt")
+    paths["table"] = out / "table.txt"
+    paths["plots"] = report.plots(doc, out)
+    return paths

@@ -1,0 +1,175 @@
+"""What is timed: the runtime's own loops, cut into the quantities the field reports.
+
+Understanding: TTFT (embed + prefill + first token), TPOT (one decode step through every stage and
+the LM head), tokens/s. Generation: one guided DDIM step with and without the text-prefix reuse,
+the prefix encode, the VAE decode, end to end. All through `haplo.runtime`, so every backend runs
+exactly the schedule users run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from haplo.bench.timing import TimedBackend, stats
+from haplo.config import HaploOmniConfig
+from haplo.pipeline import make_scheduler
+from haplo.runtime import DecodeState, denoise, embed_understanding, encode_prompt, forward_tokens, predict_v
+
+
+def random_prompt(config: HaploOmniConfig, length: int, batch: int = 1, seed: int = 0) -> dict:
+    """Plain text token ids of an exact length (no image or video placeholders)."""
+    high = min(config.vocab_size, config.image_token_index, config.video_token_index)
+    ids = torch.randint(4, high, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _prefill(backend, inputs: dict):
+    embeds = embed_understanding(backend, inputs["input_ids"], inputs.get("pixel_values"),
+                                 inputs.get("image_sizes"), inputs.get("pixel_values_videos"))
+    logits, state = forward_tokens(backend, embeds, inputs["attention_mask"], inputs.get("attention_start_ids"),
+                                   DecodeState())
+    return logits.argmax(-1), state
+
+
+def _decode_step(backend, token: torch.Tensor, state: DecodeState):
+    mask = torch.ones_like(token[:, None])
+    logits, state = forward_tokens(backend, backend.embed_text(token[:, None]), mask, None, state)
+    return logits.argmax(-1), state
+
+
+@torch.no_grad()
+def first_token_seconds(backend, inputs: dict) -> float:
+    started = time.perf_counter()
+    _prefill(backend, inputs)
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def understanding(backend: TimedBackend, inputs: dict, new_tokens: int, warmup: int, repeats: int) -> dict:
+    """Greedy, a fixed number of tokens (no stop token), so every backend does the same work."""
+    ttft, tpot, totals, prefill_phases, decode_phases = [], [], [], {}, {}
+    batch = inputs["input_ids"].shape[0]
+    for run in range(warmup + repeats):
+        backend.reset()
+        started = time.perf_counter()
+        token, state = _prefill(backend, inputs)
+        first = time.perf_counter() - started
+        prefill = backend.breakdown_ms(1)
+        backend.reset()
+        steps = []
+        for _ in range(new_tokens - 1):
+            step_started = time.perf_counter()
+            token, state = _decode_step(backend, token, state)
+            steps.append(time.perf_counter() - step_started)
+        if run < warmup:
+            continue
+        ttft.append(first)
+        tpot.extend(steps)
+        totals.append(first + sum(steps))
+        for phase, ms in prefill.items():
+            prefill_phases[phase] = prefill_phases.get(phase, 0.0) + ms / repeats
+        for phase, ms in backend.breakdown_ms(len(steps)).items():
+            decode_phases[phase] = decode_phases.get(phase, 0.0) + ms / repeats
+    tpot_stats = stats(tpot)
+    return {
+        "prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": new_tokens, "batch": batch,
+        "ttft_ms": stats(ttft), "tpot_ms": tpot_stats,
+        "tokens_per_s": batch * new_tokens / (sum(totals) / len(totals)),
+        "decode_tokens_per_s": batch * 1e3 / tpot_stats["mean"] if tpot else None,
+        "prefill_stage_ms": prefill_phases, "decode_step_stage_ms": decode_phases,
+    }
+
+
+@torch.no_grad()
+def generation(backend: TimedBackend, prompt: dict, latent_shape: tuple, steps: int, guidance: float,
+               warmup: int, repeats: int, seed: int = 0, vae: bool = True) -> dict:
+    """One guided DDIM step (batch [negative, positive]) with and without prefix reuse; VAE; end to end."""
+    ids, mask = prompt["input_ids"], prompt["attention_mask"]
+    noise = torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed))
+    batch = torch.cat([noise, noise])
+    scheduler = make_scheduler(backend.config.video_generation)
+    scheduler.set_timesteps(steps)
+    t = scheduler.timesteps[0].expand(2).long()
+
+    def timed(fn, count, warm=warmup):
+        samples = []
+        for run in range(warm + count):
+            started = time.perf_counter()
+            fn()
+            if run >= warm:
+                samples.append(time.perf_counter() - started)
+        return samples
+
+    prefix_holder = {}
+    prefix = timed(lambda: prefix_holder.update(state=encode_prompt(backend, ids, mask)), repeats)
+    state = prefix_holder["state"]
+    backend.reset()
+    reuse = timed(lambda: predict_v(backend, batch, t, ids, mask, state), repeats)
+    phases = backend.breakdown_ms(warmup + repeats)
+    full = timed(lambda: predict_v(backend, batch, t, ids, mask, None), repeats)
+    result = {
+        "latent_shape": list(latent_shape), "latent_tokens": _latent_tokens(backend.config, latent_shape),
+        "text_tokens": int(ids.shape[1]), "cfg_batch": 2,
+        "prefix_encode_ms": stats(prefix), "step_ms": stats(reuse), "step_without_reuse_ms": stats(full),
+        "step_stage_ms": phases,
+        "prefix_reuse_saving": 1 - stats(reuse)["p50"] / stats(full)["p50"],
+    }
+    if vae:
+        latents = noise
+        result["vae_ms"] = stats(timed(lambda: backend.vae_decode(latents), max(1, repeats // 2)))
+
+    def end_to_end():
+        latents = denoise(backend, ids, mask, noise, steps, guidance, reuse_prefix=True)
+        if vae:
+            backend.vae_decode(latents)
+
+    # The calls above warmed every graph up; one end-to-end run is the request a user waits for.
+    result["end_to_end_ms"] = stats(timed(end_to_end, 1, warm=0))
+    result["end_to_end_steps"] = steps
+    return result
+
+
+def _latent_tokens(config: HaploOmniConfig, latent_shape: tuple) -> int:
+    frames, _, height, width = latent_shape
+    patch = config.video_generation.latent_patch_size
+    return frames * (height // patch) * (width // patch)
+
+
+@torch.no_grad()
+def decode_vs_past(backend, config: HaploOmniConfig, past_lengths: list[int], steps: int, seed: int = 0) -> list:
+    """Decode-step time as the cache grows: prefill `past` tokens, then time `steps` steps."""
+    rows = []
+    for past in past_lengths:
+        inputs = random_prompt(config, past, seed=seed)
+        started = time.perf_counter()
+        token, state = _prefill(backend, inputs)
+        prefill = time.perf_counter() - started
+        samples = []
+        for _ in range(steps + 1):
+            step_started = time.perf_counter()
+            token, state = _decode_step(backend, token, state)
+            samples.append(time.perf_counter() - step_started)
+        rows.append({"past_tokens": past, "prefill_ms": prefill * 1e3, "step_ms": stats(samples[1:])})
+    return rows
+
+
+@torch.no_grad()
+def ddim_vs_latent_tokens(backend, config: HaploOmniConfig, videos: list[tuple[int, int, int]], prompt: dict,
+                          repeats: int, seed: int = 0) -> list:
+    """Guided DDIM-step time (with prefix reuse) as the video grows."""
+    rows = []
+    state = encode_prompt(backend, prompt["input_ids"], prompt["attention_mask"])
+    for frames, height, width in videos:
+        shape = config.video_generation.latent_shape(frames, height, width)
+        noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(seed))
+        t = torch.full((2,), 500, dtype=torch.long)
+        samples = []
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            predict_v(backend, noise, t, prompt["input_ids"], prompt["attention_mask"], state)
+            samples.append(time.perf_counter() - started)
+        rows.append({"video": [frames, height, width], "latent_tokens": _latent_tokens(config, shape),
+                     "step_ms": stats(samples[1:])})
+    return rows
