@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_3d_sincos_pos_embed
 from diffusers.models.normalization import AdaLayerNorm
 from safetensors import SafetensorError
@@ -164,13 +165,20 @@ class HaploOmniModel(nn.Module):
         for n, index in enumerate(self.stage_layers(stage)):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x, kv = self.layers[index](x, rope, key_start, None if past is None else past[n])
+            x, kv = self.layer_forward(index, x, rope, key_start, None if past is None else past[n])
             presents.append(kv)
         if stage == "pre":
             x = self.pre_connector(x)
         elif stage == "base":
             x = self.post_connector(self.norm(x))
         return x, presents
+
+    def layer_forward(self, index: int, x, rope, key_start, past=None):
+        """One decoder layer; recomputed in backward when `gradient_checkpointing` is on (training)."""
+        if getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() and past is None:
+            return torch.utils.checkpoint.checkpoint(self.layers[index], x, rope, key_start, None,
+                                                     use_reentrant=False)
+        return self.layers[index](x, rope, key_start, past)
 
     def forward(self, inputs_embeds, position_ids, key_start, output_hidden_states: bool = False):
         """pre -> base -> post over a whole sequence. Returns (last_decoder_hidden_state, hidden_states)."""

@@ -1,0 +1,94 @@
+"""Training configuration: paper defaults per stage, overridable by a YAML file and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+# Appendix A.3. The batch size is the number of examples per optimiser step (micro-batches of one,
+# accumulated); warmup is in optimiser steps.
+PAPER_DEFAULTS = {
+    (1, None): {"learning_rate": 1e-4, "post_learning_rate": 2e-4, "batch_size": 32, "warmup_steps": 0},
+    (2, 1): {"learning_rate": 1e-5, "batch_size": 128, "warmup_steps": 2000},
+    (2, 2): {"learning_rate": 1e-4, "batch_size": 128, "warmup_steps": 10000},
+    (2, 3): {"learning_rate": 1e-4, "batch_size": 128, "warmup_steps": 0},
+    (3, None): {"learning_rate": 2e-5, "batch_size": 32, "warmup_steps": 0},
+}
+
+
+class TrainConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    step: int | None = None  # stage 2 only: 1, 2 or 3
+    # model: a checkpoint directory, or a preset (random weights, optionally initialised from priors)
+    checkpoint: str | None = None
+    preset: str | None = "tiny-priors"
+    seed: int = 0
+    # priors for stage 1 (and its teachers): "random" builds seeded random priors shaped for the preset
+    # (tests, demos); otherwise directories of a CLIPVisionModel / Qwen2ForCausalLM / CogVideoX transformer.
+    priors: str | None = None
+    clip: str | None = None
+    qwen2: str | None = None
+    cogvideox: str | None = None
+    frozen_timestep: float = 500.0  # where CogVideoX's AdaLN is evaluated for the state sets
+    data: str = "data/synthetic/data.jsonl"
+    output_dir: str = "runs/stage1"
+    resume_from: str | None = None  # a checkpoint-N directory of an earlier run
+    max_steps: int = 100
+    learning_rate: float | None = None  # None: the paper's value for the stage
+    post_learning_rate: float | None = None  # stage 1 post-decoder
+    batch_size: int | None = None
+    warmup_steps: int | None = None
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    gradient_checkpointing: bool = False
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 1
+    video_frames: int = 8  # frames sampled for understanding
+    pre_loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # Table 10 best row
+    post_loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # Table 11 best row
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise TrainConfigError(f"stage {self.stage}: choose 1, 2 or 3")
+        if self.stage == 2 and self.step not in (1, 2, 3):
+            raise TrainConfigError("stage 2 needs --step 1, 2 or 3")
+        if self.stage != 2:
+            self.step = None
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise TrainConfigError(f"mixed_precision {self.mixed_precision!r}: choose no, fp16 or bf16")
+        for key, value in PAPER_DEFAULTS[(self.stage, self.step)].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.adam_betas = tuple(self.adam_betas)
+        self.pre_loss_weights, self.post_loss_weights = tuple(self.pre_loss_weights), tuple(self.post_loss_weights)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        if not path.exists():
+            raise TrainConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise TrainConfigError(f"{path}: not valid YAML ({err})") from None
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"{path}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("extra")
+        return out

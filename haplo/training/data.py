@@ -1,0 +1,150 @@
+"""Training data: a JSONL format for understanding and generation, and a synthetic dataset.
+
+One record per line:
+
+    {"type": "understanding", "video": "clips/0001.mp4",            # or "images": ["a.png", ...]
+     "conversations": [{"role": "user", "content": "<video>\\nWhat moves?"},
+                       {"role": "assistant", "content": "A red square moves to the left."}]}
+    {"type": "generation", "video": "clips/0001.mp4", "caption": "A red square moves to the left."}
+    {"type": "generation", "image": "stills/0002.png", "caption": "..."}   # a one-frame video
+
+Paths are relative to the JSONL file. Understanding records go through the processor (the answer
+tokens are the labels); generation records through the VAE encoder (video -> latents), once, cached.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from haplo.video import write_video
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+class DataError(ValueError):
+    pass
+
+
+def _draw(frame: np.ndarray, shape: str, colour, cx: float, cy: float, radius: int) -> None:
+    h, w, _ = frame.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    if shape == "square":
+        mask = (abs(xx - cx) <= radius) & (abs(yy - cy) <= radius)
+    elif shape == "circle":
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+    else:  # triangle pointing up
+        mask = (yy >= cy - radius) & (yy <= cy + radius) & (abs(xx - cx) <= (yy - (cy - radius)) / 2)
+    frame[mask] = colour
+
+
+def moving_shape_video(shape: str, colour: str, direction: str, frames: int, height: int, width: int,
+                       seed: int = 0) -> np.ndarray:
+    """[frames, H, W, 3] uint8: one shape crossing a plain background in one direction."""
+    rng = np.random.default_rng(seed)
+    radius = max(3, min(height, width) // 8)
+    dx, dy = DIRECTIONS[direction]
+    travel = (min(height, width) - 4 * radius) / max(frames - 1, 1)
+    cx = width / 2 - dx * travel * (frames - 1) / 2 + rng.uniform(-2, 2)
+    cy = height / 2 - dy * travel * (frames - 1) / 2 + rng.uniform(-2, 2)
+    background = rng.integers(200, 256, 3)
+    video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    for f in range(frames):
+        video[f] = background
+        _draw(video[f], shape, COLOURS[colour], cx + dx * travel * f, cy + dy * travel * f, radius)
+    return video
+
+
+def make_synthetic_dataset(out: str | Path, count: int, frames: int, height: int, width: int,
+                           seed: int = 0) -> Path:
+    """Write `count` videos (mp4) and a data.jsonl with one understanding and one generation record
+    per video. Returns the JSONL path."""
+    out = Path(out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(count):
+        shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
+        direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+        video = moving_shape_video(shape, colour, direction, frames, height, width, seed=seed * 10_000 + i)
+        path = write_video(video, out / "videos" / f"{i:05d}.mp4", fps=8)
+        caption = f"A {colour} {shape} moves {'to the ' if direction in ('left', 'right') else ''}{direction}."
+        rel = path.relative_to(out).as_posix()
+        records.append({"type": "understanding", "video": rel, "conversations": [
+            {"role": "user", "content": "<video>\nWhat moves in the video, and in which direction?"},
+            {"role": "assistant", "content": caption}]})
+        records.append({"type": "generation", "video": rel, "caption": caption})
+    jsonl = out / "data.jsonl"
+    staged = out / ".data.jsonl.tmp"
+    staged.write_text("".join(json.dumps(r) + "\n" for r in records))
+    staged.replace(jsonl)
+    return jsonl
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such dataset file; make one with `haplo-train synthetic --out DIR`")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not JSON ({err.msg})") from None
+        kind = record.get("type")
+        if kind == "understanding" and not record.get("conversations"):
+            raise DataError(f"{path}:{number}: an understanding record needs 'conversations'")
+        if kind == "generation" and not (record.get("caption") and (record.get("video") or record.get("image"))):
+            raise DataError(f"{path}:{number}: a generation record needs 'caption' and 'video' or 'image'")
+        if kind not in ("understanding", "generation"):
+            raise DataError(f"{path}:{number}: type must be 'understanding' or 'generation', got {kind!r}")
+        record["_root"] = str(path.parent)
+        records.append(record)
+    return records
+
+
+def load_frames(record: dict, key: str = "video") -> np.ndarray:
+    import imageio.v3 as iio
+
+    path = Path(record["_root"]) / record[key]
+    if not path.exists():
+        raise DataError(f"{path}: missing media file of a dataset record")
+    if key == "image":
+        return np.asarray(Image.open(path).convert("RGB"))[None]
+    return np.asarray(iio.imread(path, plugin="FFMPEG"))[..., :3]
+
+
+def understanding_example(processor, record: dict, video_frames: int) -> dict[str, torch.Tensor]:
+    """Processor tensors for one conversation; labels = the assistant's tokens, -100 elsewhere."""
+    conversation = record["conversations"]
+    prompt = [m for m in conversation if m["role"] != "assistant"]
+    images = [Image.open(Path(record["_root"]) / p).convert("RGB") for p in record.get("images", [])]
+    videos = None
+    if record.get("video"):
+        frames = load_frames(record)
+        picks = np.linspace(0, len(frames) - 1, num=min(video_frames, len(frames))).round().astype(int)
+        videos = [frames[picks]]
+    full = processor(conversations=[conversation], images=images or None, videos=videos,
+                     add_generation_prompt=False)
+    prefix = processor(conversations=[prompt], images=images or None, videos=videos, add_generation_prompt=True)
+    labels = full["input_ids"].clone()
+    labels[:, : prefix["input_ids"].shape[1]] = -100
+    return {**{k: v for k, v in full.items() if isinstance(v, torch.Tensor)}, "labels": labels}
+
+
+@torch.no_grad()
+def encode_video_latents(vae, frames: np.ndarray, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> latents [1, f, C, h, w] (scaled as the denoiser sees them)."""
+    picks = np.linspace(0, len(frames) - 1, num=num_frames).round().astype(int)
+    clip = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames[picks]])
+    video = torch.from_numpy(clip).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]  # [1, 3, F, H, W]
+    latents = vae.encode(video.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    return latents.permute(0, 2, 1, 3, 4).float()

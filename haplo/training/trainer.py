@@ -1,0 +1,248 @@
+"""The training loop, on Hugging Face accelerate: one CPU process here, `accelerate launch` on many GPUs.
+
+Determinism: the example order is a seeded permutation per epoch and every example's noise comes
+from a generator seeded by (seed, position), both functions of the optimiser step. A run resumed
+from checkpoint-N therefore sees exactly the data and noise the uninterrupted run saw after step N.
+Each optimiser step accumulates `batch_size` micro-batches of one example (per process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from haplo.training import stages
+from haplo.training.config import TrainConfig
+from haplo.training.data import encode_video_latents, load_frames, read_jsonl, understanding_example
+
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingError(ValueError):
+    pass
+
+
+def load_model(cfg: TrainConfig):
+    from haplo.config import preset
+    from haplo.modeling import HaploOmniForConditionalGeneration
+
+    if cfg.resume_from:
+        return HaploOmniForConditionalGeneration.from_pretrained(cfg.resume_from, dtype=torch.float32)
+    if cfg.checkpoint:
+        return HaploOmniForConditionalGeneration.from_pretrained(cfg.checkpoint, dtype=torch.float32)
+    return HaploOmniForConditionalGeneration.from_config(preset(cfg.preset or "tiny-priors"), seed=cfg.seed)
+
+
+def load_priors(cfg: TrainConfig, config):
+    """(clip, qwen2, cogvideox) from directories, seeded random ones, or Nones."""
+    if cfg.priors == "random":
+        from haplo.priors import random_priors
+
+        return random_priors(config, cfg.seed)
+    clip = qwen = cog = None
+    if cfg.clip:
+        from transformers import CLIPVisionModel
+
+        clip = CLIPVisionModel.from_pretrained(cfg.clip, local_files_only=True).eval()
+    if cfg.qwen2:
+        from transformers import Qwen2ForCausalLM
+
+        qwen = Qwen2ForCausalLM.from_pretrained(cfg.qwen2, local_files_only=True).eval()
+    if cfg.cogvideox:
+        from diffusers import CogVideoXTransformer3DModel
+
+        cog = CogVideoXTransformer3DModel.from_pretrained(cfg.cogvideox, local_files_only=True).eval()
+    return clip, qwen, cog
+
+
+class Examples:
+    """Dataset records -> model inputs, with VAE latents cached per record."""
+
+    def __init__(self, cfg: TrainConfig, processor, vae, config):
+        self.records = read_jsonl(cfg.data)
+        self.processor, self.vae, self.config, self.cfg = processor, vae, config, cfg
+        self.understanding = [i for i, r in enumerate(self.records) if r["type"] == "understanding"]
+        self.generation = [i for i, r in enumerate(self.records) if r["type"] == "generation"]
+        self._latents: dict[int, torch.Tensor] = {}
+
+    def kinds_for(self, stage: int, step: int | None) -> list[str]:
+        if stage == 1 or (stage == 2 and step in (2, 3)):
+            needed = ["generation"]
+        elif stage == 2:
+            needed = ["understanding"]
+        else:
+            needed = [k for k in ("understanding", "generation") if getattr(self, k)]
+        for kind in needed:
+            if not getattr(self, kind):
+                raise TrainingError(f"{self.cfg.data}: stage {stage}{'' if step is None else f' step {step}'} needs "
+                                    f"{kind} records and the file has none")
+        return needed
+
+    def latents(self, index: int) -> torch.Tensor:
+        if index not in self._latents:
+            gen = self.config.video_generation
+            record = self.records[index]
+            frames = load_frames(record, "video" if record.get("video") else "image")
+            count = gen.num_frames if record.get("video") else 1
+            self._latents[index] = encode_video_latents(self.vae, frames, count, gen.height, gen.width)
+        return self._latents[index]
+
+    def generation_batch(self, index: int) -> dict:
+        record = self.records[index]
+        encoded = self.processor.tokenizer([record["caption"]], return_tensors="pt", add_special_tokens=False)
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                 "latents": self.latents(index)}
+        frame = load_frames(record, "video" if record.get("video") else "image")[0]
+        batch["tile"] = torch.from_numpy(self.processor.video_frames([frame]))  # [1, 3, S, S]
+        return batch
+
+    def understanding_batch(self, index: int) -> dict:
+        return understanding_example(self.processor, self.records[index], self.cfg.video_frames)
+
+
+def example_at(position: int, pool: list[int], seed: int) -> int:
+    """The pool entry at a global position: a seeded permutation per pass over the pool."""
+    epoch, offset = divmod(position, len(pool))
+    order = np.random.default_rng(seed * 7919 + epoch).permutation(len(pool))
+    return pool[int(order[offset])]
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run one stage (or stage-2 step). Returns the trainer state (losses per step, checkpoints)."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    from haplo.pipeline import make_scheduler
+    from haplo.processor import HaploOmniProcessor
+    from haplo.tokenizer import build_tokenizer, load_tokenizer
+    from haplo.vae import vae_for_checkpoint
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    log = log or (lambda line: accelerator.print(line))
+    torch.manual_seed(cfg.seed)
+    source = cfg.resume_from or cfg.checkpoint
+    model = load_model(cfg)
+    config = model.config
+    state = {"losses": [], "step": 0, "checkpoints": []}
+    if cfg.resume_from:
+        state = json.loads((Path(cfg.resume_from) / STATE_FILE).read_text())
+        if state.get("stage") != cfg.stage or state.get("step_of_stage") != cfg.step:
+            raise TrainingError(f"{cfg.resume_from} is a stage {state.get('stage')} checkpoint; resume it with the "
+                                "same --stage/--step")
+    clip = qwen = cog = None
+    if cfg.stage == 1:
+        clip, qwen, cog = load_priors(cfg, config)
+        if clip is None or cog is None:
+            raise TrainingError("stage 1 distils from CLIP-ViT and CogVideoX: set clip/cogvideox directories in "
+                                "the config, or priors: random for a demo")
+        if not cfg.resume_from and not cfg.checkpoint:
+            from haplo.priors import init_from_priors
+
+            report = init_from_priors(model, clip, qwen, cog, cfg.frozen_timestep)
+            log(f"initialised {len(report.sources)} parameters from priors")
+    tokenizer_dir = Path(source) if source and (Path(source) / "tokenizer_config.json").exists() else None
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else build_tokenizer(config)
+    processor = HaploOmniProcessor(tokenizer, config)
+    vae = vae_for_checkpoint(source, config)
+    scheduler: CogVideoXDDIMScheduler = make_scheduler(config.video_generation)
+    examples = Examples(cfg, processor, vae, config)
+    kinds = examples.kinds_for(cfg.stage, cfg.step)
+
+    if cfg.gradient_checkpointing:
+        model.model.gradient_checkpointing = True
+    groups = stages.select_parameters(model, cfg.stage, cfg.step)
+    lrs = {"post": cfg.post_learning_rate}
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "lr": lrs.get(name) or cfg.learning_rate, "name": name} for name, params in groups.items()],
+        betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    warmup = max(cfg.warmup_steps, 0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    model.train()
+    model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
+    if cfg.resume_from:
+        accelerator.load_state(str(Path(cfg.resume_from) / "state"))
+    raw = accelerator.unwrap_model(model)
+    clip_teacher = clip.eval().requires_grad_(False) if clip is not None else None
+    cog_teacher = stages.CogVideoXTeacher(cog) if cog is not None else None
+
+    def micro_loss(position: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + position)
+        kind = kinds[position % len(kinds)]
+        pool = examples.understanding if kind == "understanding" else examples.generation
+        index = example_at(position // len(kinds), pool, cfg.seed)
+        if kind == "understanding":
+            return stages.next_token_loss(model, examples.understanding_batch(index))
+        batch = examples.generation_batch(index)
+        if cfg.stage == 1:
+            return (stages.pre_warmup_loss(raw, clip_teacher, batch, cfg.pre_loss_weights)
+                    + stages.post_warmup_loss(raw, cog_teacher, scheduler, batch, generator, cfg.post_loss_weights))
+        return stages.diffusion_loss(raw, scheduler, batch, generator)
+
+    def probe_loss() -> float:
+        """The stage loss on a fixed probe (the first batch's examples and noise), without updates."""
+        with torch.no_grad(), accelerator.autocast():
+            return sum(float(micro_loss(p)) for p in range(cfg.batch_size)) / cfg.batch_size
+
+    output = Path(cfg.output_dir)
+    start = state["step"]
+    state.setdefault("probe_loss", {})
+    if not cfg.resume_from:
+        state["probe_loss"]["before"] = probe_loss()
+    bar = tqdm(range(start, cfg.max_steps), desc=f"stage {cfg.stage}" + (f".{cfg.step}" if cfg.step else ""),
+               disable=not accelerator.is_local_main_process, initial=start, total=cfg.max_steps)
+    for step in bar:
+        total = 0.0
+        for micro in range(cfg.batch_size):
+            position = (step * cfg.batch_size + micro) * accelerator.num_processes + accelerator.process_index
+            with accelerator.autocast():
+                loss = micro_loss(position) / cfg.batch_size
+            accelerator.backward(loss)
+            total += float(loss.detach())
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_([p for g in groups.values() for p in g], cfg.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["losses"].append(total)
+        state["step"] = step + 1
+        bar.set_postfix(loss=f"{total:.4f}")
+        if cfg.log_every and (step + 1) % cfg.log_every == 0 and accelerator.is_main_process:
+            output.mkdir(parents=True, exist_ok=True)
+            with open(output / "losses.jsonl", "a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": total, "lr": lr_schedule.get_last_lr()[0]}) + "\n")
+        if step + 1 == cfg.max_steps:
+            state["probe_loss"]["after"] = probe_loss()
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps:
+            path = save_checkpoint(accelerator, model, tokenizer, vae, cfg, state, output / f"checkpoint-{step + 1}")
+            state["checkpoints"].append(str(path))
+            log(f"saved {path}")
+    return state
+
+
+def save_checkpoint(accelerator, model, tokenizer, vae, cfg: TrainConfig, state: dict, path: Path) -> Path:
+    """Hugging Face layout (config.json, model.safetensors, tokenizer, vae/) + optimiser state, atomically."""
+    accelerator.wait_for_everyone()
+    tmp = path.with_name(f".{path.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        vae.save_pretrained(str(tmp / "vae"))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "stage": cfg.stage, "step_of_stage": cfg.step,
+                                                  "config": cfg.to_dict()}, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    return path
