@@ -43,6 +43,7 @@ class BuildOptions:
     target: str = "onnxruntime"  # who runs the graphs: "onnxruntime" | "tensorrt" (INT8 activation scheme)
     graph_precision: dict[str, str] = field(default_factory=dict)  # per-graph overrides of the policy
     exclude_modules: tuple[str, ...] = ()  # module-name regexes kept in fp32
+    build_engines: bool = True  # target tensorrt: False writes the TensorRT-ready graphs only
     engine_ranges: object = None  # haplo.engines.tensorrt.ShapeRanges for --target tensorrt
     engine_options: object = None  # haplo.engines.tensorrt.BuildOptions
     force: bool = False  # export every graph even if unchanged
@@ -286,7 +287,7 @@ def build_bundle(model, vae, tokenizer, options: BuildOptions, log: Callable[[st
             raise ParityError("parity check failed: " + " | ".join(failures) + f" (report: {failed_report}; loosen "
                               "the budgets with --atol/--min-cosine/--min-token-agreement or --quant-min-* only if "
                               "this is expected, or keep a graph in fp32 with --graph-precision NAME=fp32)")
-        if options.target == "tensorrt":
+        if options.target == "tensorrt" and options.build_engines:
             from haplo.engines import tensorrt as trt_engines
 
             log("building TensorRT engines (plugins for haplo nodes, prefill and decode profiles)")

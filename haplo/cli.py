@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "embeddings and the VAE stay fp32 unless --graph-precision says otherwise (default: fp32)")
     build.add_argument("--target", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
                        help="auto: TensorRT engines when an NVIDIA GPU and TensorRT are present, else ONNX Runtime")
+    build.add_argument("--no-engines", action="store_true",
+                       help="with --target tensorrt: write the TensorRT-ready graphs (symmetric INT8, plugin "
+                       "nodes) without building engines, e.g. on a CPU machine; build them later on the GPU")
     build.add_argument("--graph-precision", action="append", default=[], metavar="GRAPH=PRECISION",
                        help="override the precision policy for one graph, e.g. lm_head=int8 (repeatable)")
     build.add_argument("--exclude-modules", action="append", default=[], metavar="REGEX",
@@ -317,12 +320,13 @@ def cmd_build(args) -> dict:
     target = args.target
     if target == "auto":
         target = "tensorrt" if usable else "onnxruntime"
-    elif target == "tensorrt" and not usable:
+    elif target == "tensorrt" and not usable and not args.no_engines:
         raise UsageError(f"--target tensorrt: TensorRT engines need an NVIDIA GPU with TensorRT ({reason}); "
                          "use --target onnxruntime (or auto) on this machine")
     options = BuildOptions(
         out=args.out, decomposed=args.decomposed, force=args.force, video=video, source=source,
-        precision=args.precision, target=target, graph_precision=overrides, exclude_modules=tuple(args.exclude_modules),
+        precision=args.precision, target=target, build_engines=not args.no_engines, graph_precision=overrides,
+        exclude_modules=tuple(args.exclude_modules),
         tolerances=Tolerances(args.atol, args.min_cosine, args.min_token_agreement, args.ddim_atol,
                               args.quant_min_cosine, args.quant_min_token_agreement, args.quant_min_latent_cosine))
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print

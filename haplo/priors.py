@@ -282,7 +282,8 @@ def cogvideox_kwargs_for(config, activation_fn: str = "gelu-approximate") -> dic
                 text_embed_dim=gen.text_embed_dim, num_layers=post.num_hidden_layers, patch_size=gen.latent_patch_size,
                 sample_height=gen.height // gen.vae_spatial_compression,
                 sample_width=gen.width // gen.vae_spatial_compression,
-                sample_frames=gen.num_frames, max_text_seq_length=16, activation_fn=activation_fn, norm_eps=post.rms_norm_eps,
+                sample_frames=gen.num_frames, max_text_seq_length=16, activation_fn=activation_fn,
+                norm_eps=post.rms_norm_eps,
                 spatial_interpolation_scale=gen.spatial_interpolation_scale,
                 temporal_interpolation_scale=gen.temporal_interpolation_scale)
 

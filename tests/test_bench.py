@@ -1,0 +1,34 @@
+"""The benchmark's result document: schema and backends (not timings)."""
+
+import json
+
+import pytest
+
+from haplo.bench.report import SchemaError, validate
+from haplo.cli import main
+
+
+def test_bench_writes_json_table_and_plots(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["bench", "--preset", "tiny", "--backends", "torch,onnxruntime,tensorrt", "--repeats", "1",
+                 "--warmup", "0", "--new-tokens", "3", "--ddim-steps", "1", "--past-lengths", "8",
+                 "--videos", "9x64x64", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    validate(doc)
+    keys = {e["key"]: e for e in doc["backends"]}
+    assert {"torch", "onnxruntime-fp32", "tensorrt-fp32"} <= set(keys)
+    assert keys["torch"]["status"] == "ok" and keys["onnxruntime-fp32"]["status"] == "ok"
+    assert keys["torch"]["ratio_to_torch"]["tpot"] == pytest.approx(1.0)
+    assert set(keys["torch"]["understanding"]["decode_step_stage_ms"]) >= {"pre", "base", "post", "heads", "embed"}
+    assert doc["sweeps"]["decode_vs_past"]["onnxruntime-fp32"][0]["past_tokens"] == 8
+    assert (out / "table.txt").exists() and (out / "latency.png").stat().st_size > 0
+    assert "onnxruntime" in capsys.readouterr().out
+    doc["backends"][0].pop("understanding")
+    with pytest.raises(SchemaError):
+        validate(doc)
+
+
+def test_bench_rejects_unknown_backend(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny", "--backends", "tpu", "--out", str(tmp_path)]) == 2
+    assert "unknown backend" in capsys.readouterr().err
