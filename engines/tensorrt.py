@@ -211,7 +211,9 @@ def build_engine(graph: str, onnx_path: Path, plan_path: Path, profiles: dict[st
     onnx.save(model, str(prepared))
     try:
         builder = trt.Builder(logger)
-        network = builder.create_network()  # strongly typed: always, in TensorRT 11
+        # Strongly typed always, in TensorRT 11. The plugins have Python (JIT) and PTX (AOT) kernels:
+        # take the AOT ones, so the engine runs without Python.
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(prepared)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
