@@ -1,6 +1,7 @@
 """Shared test setup: Triton runs kernels in its interpreter on CPU; `gpu` tests need TensorRT + CUDA."""
 
 import os
+import sys
 
 # Must be set before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -32,3 +33,18 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def trt_plugin(monkeypatch):
+    """(trt, trtp, registry): our plugins registered with TensorRT's Python plugin API (tensorrt_stub)."""
+    import tensorrt_stub
+
+    trt, trtp = tensorrt_stub.install(monkeypatch)
+    from haplo.engines.plugins import tensorrt_plugins
+
+    monkeypatch.setattr(tensorrt_plugins, "_registered", False)
+    monkeypatch.setenv(tensorrt_plugins.ARCH_ENV, "90")
+    assert tensorrt_plugins.register_plugins() == [tensorrt_plugins.ADALN_ID, tensorrt_plugins.ATTENTION_ID]
+    registry = sys.modules["tensorrt.plugin._lib"].QDP_REGISTRY
+    return trt, trtp, registry

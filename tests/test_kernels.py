@@ -153,18 +153,6 @@ def test_compile_error_names_the_kernel():
 
 # -- tensorrt.plugin, on TensorRT's Python plugin API --------------------------------------------------
 
-@pytest.fixture
-def trt_plugin(monkeypatch):
-    trt, trtp = tensorrt_stub.install(monkeypatch)
-    from haplo.engines.plugins import tensorrt_plugins
-
-    monkeypatch.setattr(tensorrt_plugins, "_registered", False)
-    monkeypatch.setenv(tensorrt_plugins.ARCH_ENV, "90")
-    assert tensorrt_plugins.register_plugins() == [tensorrt_plugins.ADALN_ID, tensorrt_plugins.ATTENTION_ID]
-    registry = __import__("tensorrt.plugin._lib", fromlist=["QDP_REGISTRY"]).QDP_REGISTRY
-    return trt, trtp, registry
-
-
 def test_plugin_signatures_match_the_onnx_nodes(trt_plugin):
     _, _, registry = trt_plugin
     schemas = {s.name: s for s in custom_ops.SCHEMAS}

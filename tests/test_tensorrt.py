@@ -1,0 +1,161 @@
+"""TensorRT engines: graph preparation and profiles on CPU; build, run and rebuild on an NVIDIA GPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+from haplo.backend import TorchBackend
+from haplo.engines import tensorrt as trt_engines
+from haplo.engines.bundle import Bundle
+from haplo.export.bundle import BuildOptions, build_bundle
+from haplo.export.graphs import export_graph, graph_specs
+from haplo.modeling import HaploOmniForConditionalGeneration
+from haplo.processor import HaploOmniProcessor
+from haplo.runtime import denoise, understand
+from haplo.tokenizer import build_tokenizer
+from haplo.vae import build_random_vae
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return HaploOmniForConditionalGeneration.from_preset("tiny", seed=5)
+
+
+def test_prepared_nodes_bind_to_the_registered_plugins(tiny_model, tmp_path, trt_plugin):
+    _, _, registry = trt_plugin
+    spec = next(s for s in graph_specs(tiny_model) if s.name == "post_decoder")
+    model, used = trt_engines.prepare_onnx_for_tensorrt(export_graph(spec, tmp_path / "post.onnx"))
+    assert used == ["haplo::HybridAttention", "haplo::MultimodalAdaLN"]
+    nodes = [n for n in model.graph.node if n.domain == "haplo"]
+    assert len(nodes) == 3 * tiny_model.config.post.num_hidden_layers  # 2 AdaLN + 1 attention per layer
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.pop("plugin_namespace") == b"haplo" and attrs.pop("plugin_version") == b"1"
+        plugin = registry[f"haplo::{node.op_type}"]
+        assert len(node.input) == len(plugin.input_tensor_names) and len(node.output) == plugin.num_outputs
+        assert set(attrs) == set(plugin.input_attrs)
+
+
+def test_profiles_cover_prefill_and_decode():
+    entry = {"layers": [0, 1], "inputs": [
+        {"name": "hidden_states", "shape": ["batch", "sequence", 64]},
+        {"name": "key_start", "shape": ["batch", "total_sequence"]},
+        {"name": "past_key_values.0.key", "shape": ["batch", 4, "past_sequence", 16]}]}
+    ranges = trt_engines.ShapeRanges(prompt=(1, 32, 256), past=(1, 64, 512), visual_tokens=(1, 16, 128))
+    profiles = trt_engines.graph_profiles(entry, ranges)
+    assert list(profiles) == ["prefill", "decode"]
+    assert profiles["decode"]["hidden_states"] == ((1, 1, 64), (1, 1, 64), (2, 1, 64))
+    assert profiles["prefill"]["hidden_states"][2] == (2, 256, 64)
+    assert profiles["decode"]["past_key_values.0.key"][0] == (1, 4, 1, 16)  # past >= 1 (dead slot)
+    assert profiles["decode"]["key_start"][2] == (2, 513)
+    with pytest.raises(trt_engines.EngineError, match="no shape range for dynamic dimension 'frames'"):
+        trt_engines.input_shape_range(["frames"], trt_engines.profile_dims(ranges, decode=False))
+    with pytest.raises(ValueError, match="need 1 <= min <= opt <= max"):
+        trt_engines.ShapeRanges(past=(0, 8, 16))
+
+
+@pytest.mark.skipif(trt_engines.tensorrt_status()[0], reason="TensorRT is usable here")
+def test_engine_build_without_tensorrt_says_what_is_needed(tmp_path):
+    with pytest.raises(trt_engines.TensorRTUnavailable, match="NVIDIA GPU with TensorRT"):
+        trt_engines.build_engine("pre_decoder", tmp_path / "g.onnx", tmp_path / "g.plan", {}, "fp32",
+                                 trt_engines.BuildOptions())
+
+
+# -- on an NVIDIA GPU with TensorRT ------------------------------------------------------------------
+
+GPU_RANGES = dict(prompt=(1, 64, 256), past=(1, 64, 512), visual_tokens=(1, 48, 256))
+
+
+def _build_trt(model, out, precision="fp32"):
+    gen = model.config.video_generation
+    return build_bundle(model, build_random_vae(model.config), build_tokenizer(model.config),
+                        BuildOptions(out=out, precision=precision, target="tensorrt",
+                                     engine_ranges=trt_engines.ShapeRanges(**GPU_RANGES),
+                                     video=(gen.num_frames, gen.height, gen.width)),
+                        log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt") / "tiny"
+    return out, _build_trt(tiny_model, out)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_match_reference_on_gpu():
+    # Outside the interpreter: Triton compiles the kernels for this GPU.
+    script = (
+        "import torch\n"
+        "from haplo import ops\n"
+        "from haplo.engines.plugins import kernels\n"
+        "q, k, v = torch.randn(2, 6, 40, 64, device='cuda'), torch.randn(2, 2, 40, 64, device='cuda'), "
+        "torch.randn(2, 2, 40, 64, device='cuda')\n"
+        "ks = torch.arange(40, device='cuda').expand(2, 40).clone(); ks[:, 5:25] = 5; ks[1, :3] = ops.MASKED_START\n"
+        "for dtype in (torch.float32, torch.float16, torch.bfloat16):\n"
+        "    out = kernels.hybrid_attention(q.to(dtype), k.to(dtype), v.to(dtype), ks).float()\n"
+        "    ref = ops.hybrid_attention(q, k, v, ks)\n"
+        "    assert (out - ref).abs().max() < 2e-2, (dtype, (out - ref).abs().max())\n"
+        "x = torch.randn(3, 7, 96, device='cuda'); p = [torch.randn(96, device='cuda'), torch.randn(96, device='cuda'),"
+        " torch.randn(2, 96, device='cuda'), torch.randn(2, device='cuda'), torch.randn(3, 96, device='cuda'),"
+        " torch.randn(3, 96, device='cuda')]\n"
+        "for mode in ('rmsnorm', 'layernorm'):\n"
+        "    out, gate = kernels.multimodal_adaln(x, *p, 1e-5, mode)\n"
+        "    ref, ref_gate = ops.multimodal_adaln(x, p[0], p[1] if mode == 'layernorm' else None, *p[2:], 1e-5, mode)\n"
+        "    assert (out - ref).abs().max() < 1e-4 and (gate - ref_gate).abs().max() < 1e-4\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert child.returncode == 0, child.stderr
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_use_the_plugins_and_match_torch(tiny_model, trt_bundle):
+    out, manifest = trt_bundle
+    assert set(manifest["engines"]) == set(manifest["graphs"])
+    for name in ("pre_decoder", "base_decoder", "post_decoder"):
+        assert manifest["engines"][name]["plugins"] == ["haplo::HybridAttention", "haplo::MultimodalAdaLN"]
+        assert manifest["engines"][name]["profiles"] == ["prefill", "decode"]
+    assert manifest["requirements"]
+    backend = trt_engines.TensorRTBackend(Bundle.open(out))
+    processor = HaploOmniProcessor(build_tokenizer(tiny_model.config), tiny_model.config)
+    batch = dict(processor(text=["a blue circle", "what is this? <image>"],
+                           images=[torch.randint(0, 255, (30, 70, 3), dtype=torch.uint8).numpy()]))
+    reference = understand(TorchBackend(tiny_model), **batch, max_new_tokens=32).new_tokens
+    candidate = understand(backend, **batch, max_new_tokens=32).new_tokens
+    assert (reference == candidate).float().mean() >= 0.95  # TF32 matmuls may flip a near tie
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    noise = torch.randn(1, 3, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref_latents = denoise(TorchBackend(tiny_model), ids, (ids > 0).long(), noise, 3, 6.5)
+    latents = denoise(backend, ids, (ids > 0).long(), noise, 3, 6.5, reuse_prefix=True)
+    assert torch.nn.functional.cosine_similarity(latents.flatten(), ref_latents.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.gpu
+def test_engine_is_rebuilt_when_its_graph_changed(trt_bundle):
+    out, manifest = trt_bundle
+    plan = Bundle.open(out).path(manifest["engines"]["lm_head"]["file"])
+    sidecar = plan.with_suffix(trt_engines.METADATA_SUFFIX)
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "source_sha256": "0" * 64}))
+    backend = trt_engines.TensorRTBackend(Bundle.open(out))
+    backend.runner("lm_head")
+    assert json.loads(sidecar.read_text())["source_sha256"] == meta["source_sha256"]
+    with pytest.raises(trt_engines.EngineError, match="rebuild"):
+        sidecar.write_text(json.dumps({**meta, "source_sha256": "0" * 64}))
+        trt_engines.TensorRTBackend(Bundle.open(out), rebuild=False).runner("lm_head")
+
+
+@pytest.mark.gpu
+def test_fp8_engines_build_and_agree(tiny_model, tmp_path):
+    manifest = _build_trt(tiny_model, tmp_path / "fp8", precision="fp8")
+    assert manifest["graphs"]["base_decoder"]["precision"] == "fp8"
+    backend = trt_engines.TensorRTBackend(Bundle.open(tmp_path / "fp8"))
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    reference = understand(TorchBackend(tiny_model), input_ids=ids, attention_mask=torch.ones_like(ids),
+                           max_new_tokens=32).new_tokens
+    candidate = understand(backend, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32).new_tokens
+    assert (reference == candidate).float().mean() >= 0.9
