@@ -6,6 +6,7 @@
     haplo-export run understand --prompt "Describe the video." --video clip.mp4   (PyTorch)
     haplo-export run generate   --prompt "A red square moves left." --out out/video.mp4
     haplo-export bench    --preset small --backends torch,onnxruntime --precisions fp32,int8
+    haplo-export kernels  --preset tiny --arch 90 --out kernels/sm_90
 
 Every command works on a checkpoint directory (`--checkpoint DIR`) or a built-in preset (`--preset`,
 default `tiny`, randomly initialised with `--seed`). Bad input ends with one `error:` line, exit code 2.
@@ -91,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
 
     run = sub.add_parser("run", help="run the model: PyTorch by default, ONNX Runtime with --bundle")
-    run.add_argument("--bundle", type=Path, help="bundle directory from `haplo-export build` (ONNX Runtime)")
+    run.add_argument("--bundle", type=Path, help="bundle directory from `haplo-export build`")
+    run.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                     help="runs a bundle: auto = its TensorRT engines when it has them and TensorRT + a GPU are "
+                     "present, else ONNX Runtime")
     tasks = run.add_subparsers(dest="task", required=True)
     und = tasks.add_parser("understand", help="answer a prompt about images / a video (autoregressive text)")
     add_run_args(und)
@@ -143,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--work-dir", type=Path, default=Path(".cache/haplo-bench"),
                        help="where the bundles the benchmark builds are kept (reused across runs)")
     bench.add_argument("--json", action="store_true", help="print the result document instead of the table")
+
+    kernels = sub.add_parser("kernels", help="compile the TensorRT plugin kernels to PTX for an SM (no GPU needed)",
+                             description="Compiles every Triton kernel variant the model's engines use (per stage "
+                             "norm mode and width, per dtype, per attention tile) to PTX for one GPU architecture, "
+                             "and writes NAME.ptx files with kernels.json (entry points, launch threads, shared "
+                             "memory). Engine builds compile the same kernels for the build GPU by themselves.")
+    add_model_args(kernels)
+    kernels.add_argument("--arch", type=int, default=90, help="SM number: 80, 89, 90, 100, ... (default: %(default)s)")
+    kernels.add_argument("--dtypes", default="fp32,fp16,bf16",
+                         help="comma list of fp32, fp16, bf16 (default: %(default)s)")
+    kernels.add_argument("--out", type=Path, default=Path("kernels"), help="output directory (default: %(default)s)")
+    kernels.add_argument("--json", action="store_true", help="print the index as JSON")
     return parser
 
 
@@ -192,7 +208,19 @@ def load_backend(args, need_vae: bool = True):
         from haplo.tokenizer import load_tokenizer
 
         bundle = Bundle.open(args.bundle)
-        backend = OrtBackend(bundle, intra_op_threads=args.threads)
+        backend = None
+        if args.backend != "onnxruntime" and bundle.manifest.get("engines"):
+            from haplo.engines.tensorrt import TensorRTBackend, tensorrt_status
+
+            usable, reason = tensorrt_status()
+            if usable:
+                backend = TensorRTBackend(bundle)
+            elif args.backend == "tensorrt":
+                raise UsageError(f"--backend tensorrt: {reason}")
+        elif args.backend == "tensorrt":
+            raise UsageError(f"{args.bundle} has no TensorRT engines; rebuild it with --target tensorrt on a "
+                             "machine with an NVIDIA GPU, or use --backend onnxruntime")
+        backend = backend or OrtBackend(bundle, intra_op_threads=args.threads)
         tokenizer = load_tokenizer(args.tokenizer or bundle.path(bundle.manifest["tokenizer"]))
         return backend, HaploOmniProcessor(tokenizer, backend.config)
     from haplo.backend import TorchBackend
@@ -395,6 +423,27 @@ def cmd_bench(args) -> dict:
     return doc
 
 
+def cmd_kernels(args) -> dict:
+    try:
+        from haplo.engines.plugins import aot
+    except ImportError as err:
+        raise UsageError(f"the plugin kernels need Triton ({err}); pip install 'triton>=3.3'") from None
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = sorted(set(dtypes) - set(aot.DTYPES))
+    if unknown or not dtypes:
+        raise UsageError(f"--dtypes {args.dtypes!r}: choose from {', '.join(aot.DTYPES)}")
+    if args.arch < 70:
+        raise UsageError(f"--arch {args.arch}: Triton targets sm_70 and newer")
+    try:
+        index = aot.compile_for_config(load_config(args), args.out, args.arch, dtypes,
+                                       log=(lambda _: None) if args.json else print)
+    except aot.KernelCompileError as err:
+        raise UsageError(str(err)) from None
+    if args.json:
+        print(json.dumps(index, indent=2))
+    return index
+
+
 def _tensorrt_status() -> tuple[bool, str]:
     from haplo.engines.tensorrt import tensorrt_status
 
@@ -422,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_build(args)
         elif args.command == "bench":
             cmd_bench(args)
+        elif args.command == "kernels":
+            cmd_kernels(args)
         elif args.task == "understand":
             cmd_understand(args)
         else:

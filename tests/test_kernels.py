@@ -222,3 +222,14 @@ def test_register_without_tensorrt_says_what_is_missing(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)  # import fails as without TensorRT
     with pytest.raises(tensorrt_plugins.PluginUnavailable, match="pip install '.\\[gpu\\]'"):
         tensorrt_plugins.register_plugins()
+
+
+def test_kernels_command_writes_ptx_and_rejects_bad_input(tmp_path, capsys):
+    from haplo.cli import main
+
+    assert main(["kernels", "--dtypes", "bf16", "--arch", "80", "--out", str(tmp_path), "--json"]) == 0
+    index = json.loads(capsys.readouterr().out)
+    assert index["arch"] == "sm_80" and {v["dtype"] for v in index["kernels"].values()} == {"bf16"}
+    assert all(".target sm_80" in (tmp_path / v["file"]).read_text() for v in index["kernels"].values())
+    assert main(["kernels", "--dtypes", "fp64", "--out", str(tmp_path)]) == 2
+    assert "choose from fp32, fp16, bf16" in capsys.readouterr().err

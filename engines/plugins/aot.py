@@ -37,6 +37,9 @@ from haplo.engines.plugins import kernels
 DEFAULT_ARCH = 90  # sm_90 (H100/H200)
 DTYPES = ("fp32", "fp16", "bf16")
 INDEX_NAME = "kernels.json"
+# Largest shared memory one block may use (opt-in dynamic shared memory), bytes, per SM.
+SHARED_MEMORY_LIMIT = {70: 96 << 10, 75: 64 << 10, 80: 163 << 10, 86: 99 << 10, 87: 163 << 10, 89: 99 << 10,
+                       90: 227 << 10, 100: 227 << 10, 103: 227 << 10, 120: 99 << 10}
 
 
 class KernelCompileError(RuntimeError):
@@ -83,6 +86,10 @@ def _compile(kernel, signature: dict[str, str], constants: dict, arch: int, num_
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
         raise KernelCompileError(f"{kernel.__name__} needs Triton scratch memory, which a TensorRT AOT "
                                  "launch does not provide")
+    limit = SHARED_MEMORY_LIMIT.get(arch, 99 << 10)
+    if meta.shared > limit:
+        raise KernelCompileError(f"{kernel.__name__} with {constants} needs {meta.shared} B of shared memory; "
+                                 f"sm_{arch} has {limit} B per block")
     return compiled
 
 
@@ -117,7 +124,7 @@ def _compile_adaln_here(dtype: str, hidden: int, eps: float, layernorm: bool, ar
 
 def _compile_attention_here(dtype: str, head_dim: int, scale: float, tactic: int, key_start_dtype: str,
                             arch: int) -> PtxKernel:
-    block_m, block_n, warps, stages = kernels.ATTENTION_TILES[tactic]
+    block_m, block_n, warps, stages = kernels.attention_tiles(tactic, dtype == "fp32")
     pointer = f"*{dtype}"
     signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "key_start_ptr": f"*{key_start_dtype}",
                  "q_len": "i32", "k_len": "i32", "q_heads": "i32", "kv_heads": "i32", "out_ptr": pointer}

@@ -152,6 +152,13 @@ def attention_block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16 on tensor cores
 
 
+def attention_tiles(tactic: int, fp32: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a tactic. fp32 tiles are twice the bytes: one
+    pipeline stage keeps head size 128 within 99 KB of shared memory (sm_86/sm_89)."""
+    block_m, block_n, warps, stages = ATTENTION_TILES[tactic]
+    return block_m, block_n, warps, 1 if fp32 else stages
+
+
 def attention_tactic(query_rows: int) -> int:
     """The tile configuration a Python launch uses: decode tiles for a few packed rows."""
     return 2 if query_rows <= 16 else 1
@@ -214,7 +221,8 @@ def hybrid_attention(
     query, key, value, key_start = (t.contiguous() for t in (query, key, value, key_start))
     out = torch.empty_like(query) if output is None else output
     packed_rows = q_heads // kv_heads * q_len
-    block_m, block_n, warps, stages = ATTENTION_TILES[tactic or attention_tactic(packed_rows)]
+    block_m, block_n, warps, stages = attention_tiles(tactic or attention_tactic(packed_rows),
+                                                      query.dtype == torch.float32)
     grid = (triton.cdiv(packed_rows, block_m), batch * kv_heads)
     if out.numel():
         hybrid_attention_kernel[grid](query, key, value, key_start, q_len, k_len, q_heads, kv_heads, out,
