@@ -341,7 +341,8 @@ def _requirements(entries: dict) -> dict:
         "plugins": [{"name": f"{custom_ops.DOMAIN}::{op}", "namespace": custom_ops.DOMAIN, "version": "1"}
                     for op in ops],
         "notes": "ONNX Runtime runs haplo-domain nodes through their model-local functions; TensorRT binds them to "
-                 "the plugins of haplo.engines.plugins (plugin_namespace 'haplo').",
+                 "the plugins of haplo.engines.plugins (plugin_namespace 'haplo') at build time and embeds their "
+                 "ahead-of-time compiled PTX in the engine, so running an engine needs no plugin library or Python.",
     }
 
 

@@ -118,7 +118,7 @@ def _compile_adaln_here(dtype: str, hidden: int, eps: float, layernorm: bool, ar
     signature["hidden"] = "i32"
     signature.update(out_ptr=pointer, gate_ptr=pointer)
     constants = {"EPS": float(eps), "LAYERNORM": bool(layernorm), "BLOCK_H": kernels.adaln_block(hidden)}
-    compiled = _compile(kernels.multimodal_adaln_kernel, signature, constants, arch, kernels.ADALN_WARPS)
+    compiled = _compile(kernels.multimodal_adaln_kernel, signature, constants, arch, kernels.adaln_warps(hidden))
     return _ptx_kernel("MultimodalAdaLN", compiled, arch, dtype, constants)
 
 

@@ -38,7 +38,6 @@ ATTENTION_TILES = {
     1: (64, 64, 4, 2),  # prefill: many query rows
     2: (16, 128, 4, 2),  # decode: Lq * groups small, long key sweep
 }
-ADALN_WARPS = 4
 
 
 @triton.jit
@@ -148,6 +147,11 @@ def adaln_block(hidden: int) -> int:
     return triton.next_power_of_2(hidden)
 
 
+def adaln_warps(hidden: int) -> int:
+    """Warps per row: about 8 fp32 values of the row per thread (4 warps up to 1024, 16 at 4096)."""
+    return min(16, max(4, adaln_block(hidden) // 256))
+
+
 def attention_block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16 on tensor cores
 
@@ -193,7 +197,7 @@ def multimodal_adaln(
     if rows:
         multimodal_adaln_kernel[(rows,)](x, *params, hidden, out, gate, EPS=float(eps),
                                          LAYERNORM=mode == "layernorm", BLOCK_H=adaln_block(hidden),
-                                         num_warps=ADALN_WARPS)
+                                         num_warps=adaln_warps(hidden))
     return out, gate
 
 
