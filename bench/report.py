@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from haplo.engines.bundle import write_atomic
+
 SCHEMA = "haplo-bench/1"
 
 # Keys every result document has; `validate` checks them (tests and consumers rely on this).
@@ -46,10 +48,7 @@ def validate(doc: dict) -> None:
 def write_json(doc: dict, path: Path) -> Path:
     validate(doc)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(staged, path)
-    return path
+    return write_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
 def _fmt(value, digits: int = 2) -> str:

@@ -23,6 +23,7 @@ import torch
 from haplo.bench import report, workloads
 from haplo.bench.roofline import bundle_decode_weight_bytes, memory_bandwidth_gbs, roofline, torch_decode_weight_bytes
 from haplo.bench.timing import PeakRSS, TimedBackend, gpu_peak_memory_mib
+from haplo.engines.bundle import write_atomic
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
@@ -315,9 +316,6 @@ def write_outputs(doc: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": report.write_json(doc, out / "results.json")}
     text = report.table(doc)
-    staged = out / ".table.txt.tmp"
-    staged.write_text(text + "\n")
-    os.replace(staged, out / "table.txt")
-    paths["table"] = out / "table.txt"
+    paths["table"] = write_atomic(out / "table.txt", text + "\n")
     paths["plots"] = report.plots(doc, out)
     return paths

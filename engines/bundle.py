@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write a file so that readers see the old content or the new one, never a part of it."""
+    staged = path.with_name(f".{path.name}.tmp")
+    try:
+        staged.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @dataclass

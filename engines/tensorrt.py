@@ -10,9 +10,7 @@ Everything here imports `tensorrt` lazily: the module loads, and reports clearly
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from haplo.engines.bundle import sha256_file, write_atomic
 from haplo.engines.graph_backend import STAGE_GRAPHS, GraphBackend
 
 PLUGIN_NAMESPACE = "haplo"
@@ -168,20 +167,6 @@ class EngineMetadata:
         return None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # -- building ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -239,8 +224,8 @@ def build_engine(graph: str, onnx_path: Path, plan_path: Path, profiles: dict[st
     if plan is None:
         raise EngineError(f"{graph}: TensorRT build failed (see the log above)")
     if options.timing_cache is not None:
-        _write_atomic(options.timing_cache, bytes(timing_cache.serialize()))
-    _write_atomic(plan_path, bytes(plan))
+        write_atomic(options.timing_cache, bytes(timing_cache.serialize()))
+    write_atomic(plan_path, bytes(plan))
     io = [network.get_input(i) for i in range(network.num_inputs)], \
          [network.get_output(i) for i in range(network.num_outputs)]
     meta = EngineMetadata(
@@ -252,7 +237,7 @@ def build_engine(graph: str, onnx_path: Path, plan_path: Path, profiles: dict[st
         inputs=[{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape)} for t in io[0]],
         outputs=[{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape)} for t in io[1]],
     )
-    _write_atomic(plan_path.with_suffix(METADATA_SUFFIX), json.dumps(asdict(meta), indent=2).encode())
+    write_atomic(plan_path.with_suffix(METADATA_SUFFIX), json.dumps(asdict(meta), indent=2).encode())
     return meta
 
 
@@ -266,10 +251,10 @@ def refit_engine(plan_path: Path, onnx_path: Path, logger=None) -> None:
         raise EngineError(f"{plan_path.name}: weights in {onnx_path.name} do not fit this engine")
     if not refitter.refit_cuda_engine():
         raise EngineError(f"{plan_path.name}: refit failed")
-    _write_atomic(plan_path, bytes(engine.serialize()))
+    write_atomic(plan_path, bytes(engine.serialize()))
     meta = json.loads(plan_path.with_suffix(METADATA_SUFFIX).read_text())
     meta["source_sha256"] = sha256_file(onnx_path)
-    _write_atomic(plan_path.with_suffix(METADATA_SUFFIX), json.dumps(meta, indent=2).encode())
+    write_atomic(plan_path.with_suffix(METADATA_SUFFIX), json.dumps(meta, indent=2).encode())
 
 
 def load_metadata(plan_path: Path) -> EngineMetadata:
@@ -440,11 +425,11 @@ class TensorRTBackend(GraphBackend):
         if graph not in self.runners:
             entry = self.bundle.manifest["engines"][graph]
             plan, source = self.bundle.path(entry["file"]), self.bundle.graph_path(graph)
-            reason = load_metadata(plan).mismatch(sha256_file(source))
+            meta = load_metadata(plan)
+            reason = meta.mismatch(sha256_file(source))
             if reason is not None:
                 if not self.rebuild:
                     raise EngineError(f"{plan}: {reason}; rebuild the bundle's engines")
-                meta = load_metadata(plan)
                 profiles = {p: {n: tuple(tuple(s) for s in v) for n, v in shapes.items()}
                             for p, shapes in meta.profiles.items()}
                 build_engine(graph, source, plan, profiles, meta.precision, BuildOptions(refit=meta.refittable))

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 import haplo
-from haplo.engines.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, BundleError, sha256_file
+from haplo.engines.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, BundleError, sha256_file, write_atomic
 from haplo.export import custom_ops, graphs, quantize
 from haplo.export.graphs import GraphSpec, export_graph, graph_specs
 from haplo.export.validate import ParityError, Tolerances, ddim_parity, token_agreement, validate_graph
@@ -363,9 +363,7 @@ def _write_manifest(tmp: Path, manifest: dict) -> None:
         if path.is_file() and path.name != MANIFEST:
             files[path.relative_to(tmp).as_posix()] = sha256_file(path)
     manifest["files"] = files
-    staged = tmp / f".{MANIFEST}.tmp"
-    staged.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(staged, tmp / MANIFEST)
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -71,12 +71,8 @@ def routed_to_custom_ops(enabled: bool = True):
     if not enabled:
         yield
         return
-    saved = ops.multimodal_adaln, ops.hybrid_attention
-    ops.multimodal_adaln, ops.hybrid_attention = _adaln_via_op, _attention_via_op
-    try:
+    with ops.routed_to(_adaln_via_op, _attention_via_op):
         yield
-    finally:
-        ops.multimodal_adaln, ops.hybrid_attention = saved
 
 
 # -- ONNX: schemas (so onnxscript can emit the nodes) and translations -----------------------------

@@ -14,6 +14,9 @@ absolute position `Lk - Lq + r`. A query row that sees no key at all (left paddi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -90,3 +93,15 @@ def apply_padding(key_start: torch.Tensor, attention_mask: torch.Tensor | None) 
     if attention_mask is None:
         return key_start
     return torch.where(attention_mask.bool(), key_start, torch.full_like(key_start, MASKED_START))
+
+
+@contextlib.contextmanager
+def routed_to(adaln: Callable, attention: Callable) -> Iterator[None]:
+    """While active, the model's calls of the two operators go to these implementations."""
+    global multimodal_adaln, hybrid_attention
+    saved = multimodal_adaln, hybrid_attention
+    multimodal_adaln, hybrid_attention = adaln, attention
+    try:
+        yield
+    finally:
+        multimodal_adaln, hybrid_attention = saved

@@ -22,7 +22,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from haplo.engines.bundle import write_atomic
 from haplo.engines.plugins import kernels
 
 DEFAULT_ARCH = 90  # sm_90 (H100/H200)
@@ -147,13 +147,21 @@ def compile_specs(specs: list[dict]) -> list[PtxKernel]:
     return [PtxKernel(**k) for k in json.loads(child.stdout)]
 
 
+def adaln_spec(dtype: str, hidden: int, eps: float, layernorm: bool, arch: int) -> dict:
+    return {"kernel": "adaln", "dtype": dtype, "hidden": hidden, "eps": float(eps), "layernorm": bool(layernorm),
+            "arch": arch}
+
+
+def attention_spec(dtype: str, head_dim: int, scale: float, tactic: int, key_start_dtype: str, arch: int) -> dict:
+    return {"kernel": "attention", "dtype": dtype, "head_dim": head_dim, "scale": float(scale), "tactic": tactic,
+            "key_start_dtype": key_start_dtype, "arch": arch}
+
+
 @functools.cache
 def compile_adaln(dtype: str, hidden: int, eps: float, layernorm: bool, arch: int = DEFAULT_ARCH) -> PtxKernel:
     """MultimodalAdaLN for one dtype, hidden size and norm mode. Grid: one program per token row;
     scalar: hidden."""
-    spec = {"kernel": "adaln", "dtype": dtype, "hidden": hidden, "eps": float(eps), "layernorm": bool(layernorm),
-            "arch": arch}
-    return compile_specs([spec])[0]
+    return compile_specs([adaln_spec(dtype, hidden, eps, layernorm, arch)])[0]
 
 
 @functools.cache
@@ -163,9 +171,7 @@ def compile_attention(dtype: str, head_dim: int, scale: float, tactic: int = 1, 
 
     Grid: (cdiv(groups * Lq, BLOCK_M), B * Hkv); scalars: q_len, k_len, q_heads, kv_heads.
     """
-    spec = {"kernel": "attention", "dtype": dtype, "head_dim": head_dim, "scale": float(scale), "tactic": tactic,
-            "key_start_dtype": key_start_dtype, "arch": arch}
-    return compile_specs([spec])[0]
+    return compile_specs([attention_spec(dtype, head_dim, scale, tactic, key_start_dtype, arch)])[0]
 
 
 def variants_for_config(config, arch: int = DEFAULT_ARCH, dtypes: Iterable[str] = DTYPES) -> dict[str, dict]:
@@ -177,25 +183,12 @@ def variants_for_config(config, arch: int = DEFAULT_ARCH, dtypes: Iterable[str] 
         hidden, head_dim = stage_cfg.hidden_size, stage_cfg.head_dim
         layernorm = stage_cfg.norm_mode == "layernorm"
         for dtype in dtypes:
-            variants[f"adaln_{'ln' if layernorm else 'rms'}_h{hidden}_{dtype}"] = {
-                "kernel": "adaln", "dtype": dtype, "hidden": hidden, "eps": float(stage_cfg.rms_norm_eps),
-                "layernorm": layernorm, "arch": arch}
+            variants[f"adaln_{'ln' if layernorm else 'rms'}_h{hidden}_{dtype}"] = adaln_spec(
+                dtype, hidden, stage_cfg.rms_norm_eps, layernorm, arch)
             for tactic in kernels.ATTENTION_TILES:
-                variants[f"attention_d{head_dim}_t{tactic}_{dtype}"] = {
-                    "kernel": "attention", "dtype": dtype, "head_dim": head_dim, "scale": head_dim**-0.5,
-                    "tactic": tactic, "key_start_dtype": "i64", "arch": arch}
+                variants[f"attention_d{head_dim}_t{tactic}_{dtype}"] = attention_spec(
+                    dtype, head_dim, head_dim**-0.5, tactic, "i64", arch)
     return variants
-
-
-def _write_atomic(path: Path, data: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def compile_for_config(config, out_dir: Path, arch: int = DEFAULT_ARCH, dtypes: Iterable[str] = DTYPES,
@@ -209,11 +202,11 @@ def compile_for_config(config, out_dir: Path, arch: int = DEFAULT_ARCH, dtypes: 
     compiled = compile_specs(list(variants.values()))
     index = {"format": "haplo-kernels/1", "arch": f"sm_{arch}", "triton": triton.__version__, "kernels": {}}
     for i, (name, kernel) in enumerate(zip(variants, compiled), 1):
-        _write_atomic(out_dir / f"{name}.ptx", kernel.ptx)
+        write_atomic(out_dir / f"{name}.ptx", kernel.ptx)
         index["kernels"][name] = {"file": f"{name}.ptx", **kernel.describe()}
         log(f"[{i}/{len(variants)}] {name}: {kernel.name}, {kernel.block_threads} threads, "
             f"{kernel.shared_bytes} B shared")
-    _write_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2))
+    write_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2))
     log(f"wrote {len(variants)} PTX files and {INDEX_NAME} to {out_dir} in {time.perf_counter() - started:.1f}s")
     return index
 

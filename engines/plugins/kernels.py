@@ -238,9 +238,5 @@ def hybrid_attention(
 @contextlib.contextmanager
 def routed_to_triton():
     """While active, the PyTorch model's operator calls run on these kernels (inference only)."""
-    saved = ops.multimodal_adaln, ops.hybrid_attention
-    ops.multimodal_adaln, ops.hybrid_attention = multimodal_adaln, hybrid_attention
-    try:
+    with ops.routed_to(multimodal_adaln, hybrid_attention):
         yield
-    finally:
-        ops.multimodal_adaln, ops.hybrid_attention = saved
