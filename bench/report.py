@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from haplo.engines.bundle import write_atomic
+from haplo.errors import HaploError
 
 SCHEMA = "haplo-bench/1"
 
@@ -16,7 +17,7 @@ BACKEND_KEYS = ("key", "backend", "precision", "status")
 MEASURED_KEYS = ("cold_start", "understanding", "generation", "memory", "roofline", "ratio_to_torch")
 
 
-class SchemaError(ValueError):
+class SchemaError(HaploError, ValueError):
     pass
 
 
@@ -61,40 +62,66 @@ def _fmt(value, digits: int = 2) -> str:
 
 def table(doc: dict) -> str:
     """One row per backend/precision: the headline numbers and the ratio to torch eager."""
-    header = ["backend", "prec", "TTFT p50", "TPOT p50", "tok/s", "DDIM step", "no reuse", "reuse saves", "VAE",
-              "peak RSS", "roofline", "TPOT x", "DDIM x"]
+    header = [
+        "backend",
+        "prec",
+        "TTFT p50",
+        "TPOT p50",
+        "tok/s",
+        "DDIM step",
+        "no reuse",
+        "reuse saves",
+        "VAE",
+        "peak RSS",
+        "roofline",
+        "TPOT x",
+        "DDIM x",
+    ]
     rows = [header]
     for entry in doc["backends"]:
         if entry["status"] != "ok":
             rows.append([entry["backend"], entry["precision"], f"{entry['status']}: {entry['reason']}"])
             continue
         und, gen, ratio = entry["understanding"], entry["generation"], entry["ratio_to_torch"]
-        rows.append([
-            entry["backend"], entry["precision"], _fmt(und["ttft_ms"]["p50"]) + " ms",
-            _fmt(und["tpot_ms"]["p50"]) + " ms",
-            _fmt(und["tokens_per_s"], 1), _fmt(gen["step_ms"]["p50"]) + " ms",
-            _fmt(gen["step_without_reuse_ms"]["p50"]) + " ms", f"{gen['prefix_reuse_saving']:.0%}",
-            _fmt(gen.get("vae_ms", {}).get("p50")) + " ms", _fmt(entry["memory"]["peak_rss_mib"], 0) + " MiB",
-            f"{entry['roofline']['percent_of_bound']:.0f}%", _fmt(ratio.get("tpot"), 2) + "x",
-            _fmt(ratio.get("ddim_step"), 2) + "x",
-        ])
+        rows.append(
+            [
+                entry["backend"],
+                entry["precision"],
+                _fmt(und["ttft_ms"]["p50"]) + " ms",
+                _fmt(und["tpot_ms"]["p50"]) + " ms",
+                _fmt(und["tokens_per_s"], 1),
+                _fmt(gen["step_ms"]["p50"]) + " ms",
+                _fmt(gen["step_without_reuse_ms"]["p50"]) + " ms",
+                f"{gen['prefix_reuse_saving']:.0%}",
+                _fmt(gen.get("vae_ms", {}).get("p50")) + " ms",
+                _fmt(entry["memory"]["peak_rss_mib"], 0) + " MiB",
+                f"{entry['roofline']['percent_of_bound']:.0f}%",
+                _fmt(ratio.get("tpot"), 2) + "x",
+                _fmt(ratio.get("ddim_step"), 2) + "x",
+            ]
+        )
     widths = [max(len(r[i]) for r in rows if i < len(r) and len(r) == len(header)) for i in range(len(header))]
     lines = []
     for row in rows:
         if len(row) != len(header):
             lines.append("  ".join(row[:2]) + "  " + row[2])
         else:
-            lines.append("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in
-                                   enumerate(zip(row, widths))))
+            lines.append(
+                "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            )
     lines.insert(1, "-" * len(lines[0]))
     settings, machine = doc["settings"], doc["machine"]
-    lines += ["", f"model {settings['model']}, {settings['threads']} threads, prompt {settings['prompt_tokens']} "
-              f"tokens + {settings['new_tokens']} new, latents {settings['latent_shape']} "
-              f"({settings['latent_tokens']} tokens), {settings['repeats']} repeats after {settings['warmup']} warm-up",
-              f"machine: {machine['cpu']} ({machine['physical_cores']} cores), {machine['memory_gib']} GiB, "
-              f"copy bandwidth {machine['memory_bandwidth']['copy_gbs']:.1f} GB/s",
-              "x = speed-up over torch eager (time of torch / time of the backend); roofline = weight-bandwidth bound "
-              "/ achieved decode step"]
+    lines += [
+        "",
+        f"model {settings['model']}, {settings['threads']} threads, prompt {settings['prompt_tokens']} "
+        f"tokens + {settings['new_tokens']} new, latents {settings['latent_shape']} "
+        f"({settings['latent_tokens']} tokens), {settings['repeats']} repeats after {settings['warmup']} warm-up",
+        f"machine: {machine['cpu']}, {machine.get('isa', 'ISA not recorded')} "
+        f"({machine['physical_cores']} cores), {machine['memory_gib']} GiB, "
+        f"copy bandwidth {machine['memory_bandwidth']['copy_gbs']:.1f} GB/s",
+        "x = speed-up over torch eager (time of torch / time of the backend); roofline = weight-bandwidth bound "
+        "/ achieved decode step",
+    ]
     return "\n".join(lines)
 
 
@@ -119,10 +146,12 @@ def plots(doc: dict, out_dir: Path) -> list[Path]:
         written.append(path)
 
     if ok:
-        metrics = [("TTFT", lambda e: e["understanding"]["ttft_ms"]["p50"]),
-                   ("TPOT", lambda e: e["understanding"]["tpot_ms"]["p50"]),
-                   ("DDIM step", lambda e: e["generation"]["step_ms"]["p50"]),
-                   ("DDIM step, no reuse", lambda e: e["generation"]["step_without_reuse_ms"]["p50"])]
+        metrics = [
+            ("TTFT", lambda e: e["understanding"]["ttft_ms"]["p50"]),
+            ("TPOT", lambda e: e["understanding"]["tpot_ms"]["p50"]),
+            ("DDIM step", lambda e: e["generation"]["step_ms"]["p50"]),
+            ("DDIM step, no reuse", lambda e: e["generation"]["step_without_reuse_ms"]["p50"]),
+        ]
         fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
         for ax, (title, get) in zip(axes, metrics):
             ax.bar([e["key"] for e in ok], [get(e) for e in ok], color="tab:blue")
@@ -141,10 +170,10 @@ def plots(doc: dict, out_dir: Path) -> list[Path]:
         ax.tick_params(axis="x", rotation=30)
         save(fig, "roofline.png")
 
-    for sweep, xkey, xlabel, name in (("decode_vs_past", "past_tokens", "past tokens (KV cache length)",
-                                       "decode_vs_past.png"),
-                                      ("ddim_vs_latent_tokens", "latent_tokens", "latent tokens",
-                                       "ddim_vs_latent_tokens.png")):
+    for sweep, xkey, xlabel, name in (
+        ("decode_vs_past", "past_tokens", "past tokens (KV cache length)", "decode_vs_past.png"),
+        ("ddim_vs_latent_tokens", "latent_tokens", "latent tokens", "ddim_vs_latent_tokens.png"),
+    ):
         series = doc["sweeps"].get(sweep) or {}
         if not series:
             continue

@@ -34,14 +34,22 @@ def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> dict:
     threaded = best(lambda: dst.copy_(src))
     src_np, dst_np = src.numpy(), dst.numpy()
     single = best(lambda: np.copyto(dst_np, src_np))
-    return {"copy_gbs": max(threaded, single), "torch_copy_gbs": threaded, "numpy_copy_gbs": single,
-            "buffer_mib": mib}
+    return {"copy_gbs": max(threaded, single), "torch_copy_gbs": threaded, "numpy_copy_gbs": single, "buffer_mib": mib}
 
 
 def torch_decode_weight_bytes(model) -> int:
     """Decoder layers, connectors, final norms and the LM head: what one decode step reads."""
-    keep = ("model.layers.", "model.pre_connector.", "model.post_connector.", "model.pre_norm.", "model.norm.",
-            "model.post_norm.", "model.post_linear.", "model.post_scale", "lm_head.")
+    keep = (
+        "model.layers.",
+        "model.pre_connector.",
+        "model.post_connector.",
+        "model.pre_norm.",
+        "model.norm.",
+        "model.post_norm.",
+        "model.post_linear.",
+        "model.post_scale",
+        "lm_head.",
+    )
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if name.startswith(keep))
 
 
@@ -67,5 +75,10 @@ def bundle_decode_weight_bytes(bundle) -> int:
 
 def roofline(weight_bytes: int, bandwidth_gbs: float, achieved_step_ms: float) -> dict:
     bound_ms = weight_bytes / (bandwidth_gbs * 1e9) * 1e3
-    return {"weight_bytes": weight_bytes, "bandwidth_gbs": bandwidth_gbs, "bound_step_ms": bound_ms,
-            "achieved_step_ms": achieved_step_ms, "percent_of_bound": 100 * bound_ms / achieved_step_ms}
+    return {
+        "weight_bytes": weight_bytes,
+        "bandwidth_gbs": bandwidth_gbs,
+        "bound_step_ms": bound_ms,
+        "achieved_step_ms": achieved_step_ms,
+        "percent_of_bound": 100 * bound_ms / achieved_step_ms,
+    }

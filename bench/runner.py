@@ -8,6 +8,7 @@ the scaling sweeps, under a resident-memory sampler. Ratios are against torch ea
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import sys
@@ -20,10 +21,11 @@ from pathlib import Path
 import psutil
 import torch
 
+from haplo.artifacts import check_output_dir, write_atomic
 from haplo.bench import report, workloads
 from haplo.bench.roofline import bundle_decode_weight_bytes, memory_bandwidth_gbs, roofline, torch_decode_weight_bytes
 from haplo.bench.timing import PeakRSS, TimedBackend, gpu_peak_memory_mib
-from haplo.engines.bundle import write_atomic
+from haplo.errors import HaploError
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
@@ -47,28 +49,46 @@ class BenchOptions:
     sweeps: bool = True
     past_lengths: list[int] = field(default_factory=lambda: [32, 128, 256, 512, 1024])
     sweep_steps: int = 6
-    videos: list[tuple[int, int, int]] = field(default_factory=lambda: [(9, 64, 64), (9, 128, 128), (17, 128, 128),
-                                                                         (9, 192, 192)])
+    videos: list[tuple[int, int, int]] = field(
+        default_factory=lambda: [(9, 64, 64), (9, 128, 128), (17, 128, 128), (9, 192, 192)]
+    )
     out: Path = Path("bench/results/latest")
     work_dir: Path = Path(".cache/haplo-bench")
 
 
-class BenchError(ValueError):
+class BenchError(HaploError, ValueError):
     pass
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
+def _is_results_dir(root: Path) -> bool:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+        schema = json.loads((root / "results.json").read_text()).get("schema")
+    except (OSError, ValueError, AttributeError):
+        return False
+    others = [p for p in root.iterdir() if p.name not in ("results.json", "table.txt")]
+    return schema == report.SCHEMA and all(p.is_file() and p.suffix == ".png" for p in others)
+
+
+def check_output(out: Path) -> None:
+    """Refuse a results directory this command did not write."""
+    check_output_dir(out, _is_results_dir, "benchmark results directory")
+
+
+def machine_info() -> dict:
+    from haplo.cpuinfo import cpu_info
+
+    cpu = cpu_info()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "physical_cores": psutil.cpu_count(logical=False), "logical_cores": psutil.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu, "os": platform.platform()}
+    return {
+        "cpu": cpu.model,
+        "isa": cpu.isa,
+        "cpu_flags": list(cpu.flags),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": gpu,
+        "os": platform.platform(),
+    }
 
 
 def variants(options: BenchOptions) -> list[tuple[str, str]]:
@@ -98,8 +118,10 @@ class CompiledTorchBackend:
         backend.name = "torch-compile"
         # Stages share stage_forward's code: each (stage, prefill/decode) is its own compiled entry.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        compiled = {stage: torch.compile(functools.partial(model.model.stage_forward, stage), dynamic=True)
-                    for stage in ("pre", "base", "post")}
+        compiled = {
+            stage: torch.compile(functools.partial(model.model.stage_forward, stage), dynamic=True)
+            for stage in ("pre", "base", "post")
+        }
         head = torch.compile(lambda h: model.lm_head(model.model.lm_hidden(h)), dynamic=True)
 
         def run_stage(stage, hidden, position_ids, key_start, past=None):
@@ -133,8 +155,11 @@ def _load_reference(options: BenchOptions):
             preset_name, seed = source.get("preset"), source.get("seed") or 0
     if checkpoint is not None:
         model = HaploOmniForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-        tokenizer = (load_tokenizer(checkpoint) if (checkpoint / "tokenizer_config.json").exists()
-                     else build_tokenizer(model.config))
+        tokenizer = (
+            load_tokenizer(checkpoint)
+            if (checkpoint / "tokenizer_config.json").exists()
+            else build_tokenizer(model.config)
+        )
         name = str(checkpoint)
     else:
         model = HaploOmniForConditionalGeneration.from_config(preset(preset_name or "small"), seed=seed)
@@ -149,13 +174,18 @@ def _bundle_for(precision: str, options: BenchOptions, model, vae, tokenizer, na
     if options.bundle is not None:
         bundle = Bundle.open(options.bundle)
         if bundle.manifest["precision"] != precision:
-            raise BenchError(f"{options.bundle} is a {bundle.manifest['precision']} bundle; ask for "
-                             f"--precisions {bundle.manifest['precision']} or leave --bundle out to build one")
+            raise BenchError(
+                f"{options.bundle} is a {bundle.manifest['precision']} bundle; ask for "
+                f"--precisions {bundle.manifest['precision']} or leave --bundle out to build one"
+            )
         return bundle
     out = options.work_dir / f"{Path(name).name}-seed{options.seed}-{precision}"
-    source = {"checkpoint": str(options.checkpoint.resolve()) if options.checkpoint else None,
-              "preset": None if options.checkpoint else name, "seed": None if options.checkpoint else options.seed,
-              "name": name}
+    source = {
+        "checkpoint": str(options.checkpoint.resolve()) if options.checkpoint else None,
+        "preset": None if options.checkpoint else name,
+        "seed": None if options.checkpoint else options.seed,
+        "name": name,
+    }
     log(f"bundle {precision}: {out} (graphs reused when unchanged)")
     build_bundle(model, vae, tokenizer, BuildOptions(out=out, precision=precision, source=source), log=log)
     return Bundle.open(out)
@@ -258,23 +288,42 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
                 log(f"{key}: understanding ({options.repeats} x {options.new_tokens} tokens)")
                 und = workloads.understanding(backend, und_inputs, options.new_tokens, options.warmup, options.repeats)
                 log(f"{key}: generation (guided DDIM step with and without prefix reuse, VAE, end to end)")
-                generation = workloads.generation(backend, gen_prompt, latent_shape, options.ddim_steps,
-                                                  options.guidance, options.warmup, options.repeats, options.seed)
+                generation = workloads.generation(
+                    backend,
+                    gen_prompt,
+                    latent_shape,
+                    options.ddim_steps,
+                    options.guidance,
+                    options.warmup,
+                    options.repeats,
+                    options.seed,
+                )
                 if options.sweeps:
                     log(f"{key}: sweeps (decode step vs cache length, DDIM step vs latent tokens)")
                     sweeps["decode_vs_past"][key] = workloads.decode_vs_past(
-                        backend, config, [p for p in options.past_lengths
-                                          if p + options.sweep_steps < config.base.max_position_embeddings],
-                        options.sweep_steps, options.seed)
+                        backend,
+                        config,
+                        [
+                            p
+                            for p in options.past_lengths
+                            if p + options.sweep_steps < config.base.max_position_embeddings
+                        ],
+                        options.sweep_steps,
+                        options.seed,
+                    )
                     sweeps["ddim_vs_latent_tokens"][key] = workloads.ddim_vs_latent_tokens(
-                        backend, config, options.videos, gen_prompt, max(2, options.repeats), options.seed)
-            weight_bytes = (torch_decode_weight_bytes(model) if bundle is None
-                            else bundle_decode_weight_bytes(bundle))
+                        backend, config, options.videos, gen_prompt, max(2, options.repeats), options.seed
+                    )
+            weight_bytes = torch_decode_weight_bytes(model) if bundle is None else bundle_decode_weight_bytes(bundle)
             entry.update(
                 status="ok",
-                cold_start={"load_ms": load_s * 1e3, "first_token_ms": first_s * 1e3,
-                            "total_ms": (load_s + first_s) * 1e3},
-                understanding=und, generation=generation,
+                cold_start={
+                    "load_ms": load_s * 1e3,
+                    "first_token_ms": first_s * 1e3,
+                    "total_ms": (load_s + first_s) * 1e3,
+                },
+                understanding=und,
+                generation=generation,
                 memory={**memory.to_dict(), "gpu_peak_mib": gpu_peak_memory_mib()},
                 roofline=roofline(weight_bytes, bandwidth["copy_gbs"], und["tpot_ms"]["p50"]),
             )
@@ -292,10 +341,14 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
             entry["ratio_to_torch"] = _ratios(entry, baseline) if baseline else {}
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
-    settings.update(model=name, threads=threads, prompt_tokens=int(und_inputs["input_ids"].shape[1]),
-                    latent_shape=list(latent_shape),
-                    latent_tokens=workloads._latent_tokens(config, latent_shape),
-                    generation_text_tokens=int(gen_prompt["input_ids"].shape[1]))
+    settings.update(
+        model=name,
+        threads=threads,
+        prompt_tokens=int(und_inputs["input_ids"].shape[1]),
+        latent_shape=list(latent_shape),
+        latent_tokens=workloads._latent_tokens(config, latent_shape),
+        generation_text_tokens=int(gen_prompt["input_ids"].shape[1]),
+    )
     versions = library_versions()
     try:
         import onnxruntime
@@ -304,15 +357,20 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
     except ImportError:
         pass
     return {
-        "schema": report.SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "schema": report.SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "haplo-export " + " ".join(sys.argv[1:]) if sys.argv and "haplo-export" in sys.argv[0] else None,
-        "machine": {**machine_info(), "memory_bandwidth": bandwidth}, "versions": versions,
-        "settings": settings, "backends": entries, "sweeps": sweeps,
+        "machine": {**machine_info(), "memory_bandwidth": bandwidth},
+        "versions": versions,
+        "settings": settings,
+        "backends": entries,
+        "sweeps": sweeps,
     }
 
 
 def write_outputs(doc: dict, out: Path) -> dict:
     """results.json, table.txt and the plots in `out`."""
+    check_output(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": report.write_json(doc, out / "results.json")}
     text = report.table(doc)

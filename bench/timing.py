@@ -18,8 +18,14 @@ def stats(samples_s: list[float]) -> dict:
     if not samples_s:
         return {"n": 0}
     ms = np.asarray(samples_s) * 1e3
-    return {"n": int(ms.size), "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "min": float(ms.min())}
+    return {
+        "n": int(ms.size),
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "mean": float(ms.mean()),
+        "min": float(ms.min()),
+    }
 
 
 class PeakRSS:
@@ -67,8 +73,15 @@ def gpu_peak_memory_mib() -> float | None:
 
 
 # Which bucket of the per-stage breakdown each backend call belongs to.
-PHASES = {"embed_text": "embed", "embed_images": "embed", "embed_videos": "embed", "embed_generation": "embed",
-          "lm_head": "heads", "latent_head": "heads", "vae_decode": "vae"}
+PHASES = {
+    "embed_text": "embed",
+    "embed_images": "embed",
+    "embed_videos": "embed",
+    "embed_generation": "embed",
+    "lm_head": "heads",
+    "latent_head": "heads",
+    "vae_decode": "vae",
+}
 
 
 class TimedBackend(Backend):
@@ -124,6 +137,9 @@ class TimedBackend(Backend):
 
     def vae_decode(self, latents):
         return self._call("vae_decode", latents)
+
+    def check_vae_size(self, latent_shape):
+        return self.inner.check_vae_size(latent_shape)
 
     def keep_cache(self, past):
         return self.inner.keep_cache(past)

@@ -26,10 +26,16 @@ def random_prompt(config: HaploOmniConfig, length: int, batch: int = 1, seed: in
 
 
 def _prefill(backend, inputs: dict):
-    embeds = embed_understanding(backend, inputs["input_ids"], inputs.get("pixel_values"),
-                                 inputs.get("image_sizes"), inputs.get("pixel_values_videos"))
-    logits, state = forward_tokens(backend, embeds, inputs["attention_mask"], inputs.get("attention_start_ids"),
-                                   DecodeState())
+    embeds = embed_understanding(
+        backend,
+        inputs["input_ids"],
+        inputs.get("pixel_values"),
+        inputs.get("image_sizes"),
+        inputs.get("pixel_values_videos"),
+    )
+    logits, state = forward_tokens(
+        backend, embeds, inputs["attention_mask"], inputs.get("attention_start_ids"), DecodeState()
+    )
     return logits.argmax(-1), state
 
 
@@ -74,17 +80,30 @@ def understanding(backend: TimedBackend, inputs: dict, new_tokens: int, warmup: 
             decode_phases[phase] = decode_phases.get(phase, 0.0) + ms / repeats
     tpot_stats = stats(tpot)
     return {
-        "prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": new_tokens, "batch": batch,
-        "ttft_ms": stats(ttft), "tpot_ms": tpot_stats,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "new_tokens": new_tokens,
+        "batch": batch,
+        "ttft_ms": stats(ttft),
+        "tpot_ms": tpot_stats,
         "tokens_per_s": batch * new_tokens / (sum(totals) / len(totals)),
         "decode_tokens_per_s": batch * 1e3 / tpot_stats["mean"] if tpot else None,
-        "prefill_stage_ms": prefill_phases, "decode_step_stage_ms": decode_phases,
+        "prefill_stage_ms": prefill_phases,
+        "decode_step_stage_ms": decode_phases,
     }
 
 
 @torch.no_grad()
-def generation(backend: TimedBackend, prompt: dict, latent_shape: tuple, steps: int, guidance: float,
-               warmup: int, repeats: int, seed: int = 0, vae: bool = True) -> dict:
+def generation(
+    backend: TimedBackend,
+    prompt: dict,
+    latent_shape: tuple,
+    steps: int,
+    guidance: float,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+    vae: bool = True,
+) -> dict:
     """One guided DDIM step (batch [negative, positive]) with and without prefix reuse; VAE; end to end."""
     ids, mask = prompt["input_ids"], prompt["attention_mask"]
     noise = torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed))
@@ -110,9 +129,13 @@ def generation(backend: TimedBackend, prompt: dict, latent_shape: tuple, steps: 
     phases = backend.breakdown_ms(warmup + repeats)
     full = timed(lambda: predict_v(backend, batch, t, ids, mask, None), repeats)
     result = {
-        "latent_shape": list(latent_shape), "latent_tokens": _latent_tokens(backend.config, latent_shape),
-        "text_tokens": int(ids.shape[1]), "cfg_batch": 2,
-        "prefix_encode_ms": stats(prefix), "step_ms": stats(reuse), "step_without_reuse_ms": stats(full),
+        "latent_shape": list(latent_shape),
+        "latent_tokens": _latent_tokens(backend.config, latent_shape),
+        "text_tokens": int(ids.shape[1]),
+        "cfg_batch": 2,
+        "prefix_encode_ms": stats(prefix),
+        "step_ms": stats(reuse),
+        "step_without_reuse_ms": stats(full),
         "step_stage_ms": phases,
         "prefix_reuse_saving": 1 - stats(reuse)["p50"] / stats(full)["p50"],
     }
@@ -156,8 +179,9 @@ def decode_vs_past(backend, config: HaploOmniConfig, past_lengths: list[int], st
 
 
 @torch.no_grad()
-def ddim_vs_latent_tokens(backend, config: HaploOmniConfig, videos: list[tuple[int, int, int]], prompt: dict,
-                          repeats: int, seed: int = 0) -> list:
+def ddim_vs_latent_tokens(
+    backend, config: HaploOmniConfig, videos: list[tuple[int, int, int]], prompt: dict, repeats: int, seed: int = 0
+) -> list:
     """Guided DDIM-step time (with prefix reuse) as the video grows."""
     rows = []
     state = encode_prompt(backend, prompt["input_ids"], prompt["attention_mask"])
@@ -170,6 +194,11 @@ def ddim_vs_latent_tokens(backend, config: HaploOmniConfig, videos: list[tuple[i
             started = time.perf_counter()
             predict_v(backend, noise, t, prompt["input_ids"], prompt["attention_mask"], state)
             samples.append(time.perf_counter() - started)
-        rows.append({"video": [frames, height, width], "latent_tokens": _latent_tokens(config, shape),
-                     "step_ms": stats(samples[1:])})
+        rows.append(
+            {
+                "video": [frames, height, width],
+                "latent_tokens": _latent_tokens(config, shape),
+                "step_ms": stats(samples[1:]),
+            }
+        )
     return rows

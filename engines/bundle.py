@@ -1,53 +1,47 @@
 """Reading a bundle: the directory `haplo-export build` writes and servers embed.
 
-    bundle/
-      manifest.json          format, model config, every graph (files, I/O names, dtypes, dims,
-                             precision, layers), library versions, parity summary, sha256 of
-                             every file; written last, inside a temporary directory that is
-                             renamed into place, so a half-built bundle never has one
-      graphs/NAME.onnx(.data)
-      constants.safetensors  small tensors the runtime applies itself (image_newline)
-      tokenizer/             Hugging Face tokenizer files
-      parity.json, report.md
+bundle/
+  manifest.json          format, model config, every graph (files, I/O names, dtypes, dims,
+                         precision, layers), library versions, parity summary, sha256 of
+                         every file; written last, inside a temporary directory that is
+                         renamed into place, so a half-built bundle never has one
+  graphs/NAME.onnx(.data)
+  constants.safetensors  small tensors the runtime applies itself (image_newline)
+  tokenizer/             Hugging Face tokenizer files
+  parity.json, report.md
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from haplo.artifacts import foreign_files, sha256_file, write_atomic
 from haplo.config import HaploOmniConfig
+from haplo.errors import HaploError
 
 MANIFEST = "manifest.json"
 FORMAT = "haplo-bundle"
 FORMAT_VERSION = 1
 
 
-class BundleError(ValueError):
+class BundleError(HaploError, ValueError):
     """A directory that is not a usable bundle, with the reason and the fix."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["Bundle", "BundleError", "is_bundle", "sha256_file", "write_atomic"]
 
 
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write a file so that readers see the old content or the new one, never a part of it."""
-    staged = path.with_name(f".{path.name}.tmp")
+def is_bundle(root: Path) -> bool:
+    """A directory this tool wrote: a bundle manifest, and no file the manifest does not list."""
     try:
-        staged.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(staged, path)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    return path
+        manifest = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return False
+    return not foreign_files(Path(root), set(manifest.get("files", {})) | {MANIFEST})
 
 
 @dataclass
@@ -63,18 +57,23 @@ class Bundle:
         if not root.is_dir():
             raise BundleError(f"{root}: not a directory; build a bundle with `haplo-export build --out {root}`")
         if not path.exists():
-            raise BundleError(f"{root}: no {MANIFEST}, so not a complete bundle (an interrupted build leaves "
-                              "none); rebuild it with `haplo-export build`")
+            raise BundleError(
+                f"{root}: no {MANIFEST}, so not a complete bundle (an interrupted build leaves "
+                "none); rebuild it with `haplo-export build`"
+            )
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise BundleError(f"{path}: corrupt manifest ({err.msg} at line {err.lineno}); "
-                              "rebuild the bundle") from None
+            raise BundleError(
+                f"{path}: corrupt manifest ({err.msg} at line {err.lineno}); rebuild the bundle"
+            ) from None
         if manifest.get("format") != FORMAT:
             raise BundleError(f"{path}: not a {FORMAT} manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"{path}: bundle format {manifest.get('format_version')}, this tool reads "
-                              f"{FORMAT_VERSION}; rebuild it with this version")
+            raise BundleError(
+                f"{path}: bundle format {manifest.get('format_version')}, this tool reads "
+                f"{FORMAT_VERSION}; rebuild it with this version"
+            )
         bundle = cls(root, manifest)
         if verify:
             bundle.verify()
@@ -86,8 +85,9 @@ class Bundle:
             if not file.exists():
                 raise BundleError(f"{self.root}: {rel} is missing; rebuild the bundle")
             if sha256_file(file) != expected:
-                raise BundleError(f"{self.root}: {rel} fails its sha256 checksum (modified or corrupt); "
-                                  "rebuild the bundle")
+                raise BundleError(
+                    f"{self.root}: {rel} fails its sha256 checksum (modified or corrupt); rebuild the bundle"
+                )
 
     @property
     def config(self) -> HaploOmniConfig:

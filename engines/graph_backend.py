@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from haplo import vision
 from haplo.backend import Backend
 from haplo.engines.bundle import Bundle
+from haplo.errors import RequestError
 
 STAGE_GRAPHS = {"pre": "pre_decoder", "base": "base_decoder", "post": "post_decoder"}
 
@@ -62,13 +63,24 @@ class GraphBackend(Backend):
         latents = torch.zeros(latent_shape)  # only its shape is read by the graph
         return self.run("latent_head", hidden_states=hidden.float(), temb=temb.float(), latents=latents)[0]
 
-    def vae_decode(self, latents):
+    def check_vae_size(self, latent_shape):
         if "vae_decoder" not in self.bundle.graphs:
-            raise RuntimeError(f"{self.bundle.root}: the bundle has no VAE decoder graph")
-        built = self.bundle.graphs["vae_decoder"]["inputs"][0]["shape"][1:]
+            raise RequestError(
+                f"{self.bundle.root} has no VAE decoder graph (built with --no-vae); rebuild it with "
+                "--vae DIR to decode videos"
+            )
+        built = self.bundle.manifest["vae"]
+        frames, channels, h, w = latent_shape
+        if [channels, frames, h, w] != self.bundle.graphs["vae_decoder"]["inputs"][0]["shape"][1:]:
+            f, height, width = built["video"]
+            raise RequestError(
+                f"the bundle's VAE graph decodes {f} frames of {height}x{width} only; ask for "
+                f"--frames {f} --height {height} --width {width}, or rebuild the bundle with "
+                "--frames/--height/--width of this video"
+            )
+
+    def vae_decode(self, latents):
+        self.check_vae_size(tuple(latents.shape[1:]))
         scaled = latents.permute(0, 2, 1, 3, 4).float() / self.bundle.manifest["vae"]["scaling_factor"]
-        if list(scaled.shape[1:]) != built:
-            raise ValueError(f"latents {list(scaled.shape[1:])} do not match the VAE graph built for {built}; "
-                             "rebuild the bundle with --frames/--height/--width of this video")
         # The causal 3-D VAE is exported for one fixed latent size and batch 1: decode row by row.
         return torch.cat([self.run("vae_decoder", latents=row[None])[0] for row in scaled])

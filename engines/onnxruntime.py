@@ -10,14 +10,18 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from haplo.engines.bundle import Bundle
+from haplo.cpuinfo import cpu_info
+from haplo.engines.bundle import Bundle, BundleError
 from haplo.engines.graph_backend import STAGE_GRAPHS, GraphBackend
 
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
-def session_options(intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                    optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+def session_options(
+    intra_op_threads: int | None = None,
+    inter_op_threads: int | None = None,
+    optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+):
     options = ort.SessionOptions()
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
@@ -30,24 +34,50 @@ def session_options(intra_op_threads: int | None = None, inter_op_threads: int |
     return options
 
 
+def check_int8_cpu(bundle: Bundle, optimization: ort.GraphOptimizationLevel) -> None:
+    """Refuse a full-range INT8 bundle where this CPU's integer kernels would saturate it."""
+    quant = bundle.manifest.get("quantization") or {}
+    if "int8" not in (quant.get("policy") or {}).values() or quant.get("flavor") == "tensorrt":
+        return
+    weights = quant.get("int8_weights") or {"range": "full", "build_cpu": "an unrecorded CPU"}  # older bundles
+    if weights["range"] != "full" or int(optimization) <= int(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+        return  # reduced weights are exact everywhere; at the basic level Q/DQ run in float
+    cpu = cpu_info()
+    if not cpu.int8_dot_int32:
+        raise BundleError(
+            f"{bundle.root}: its INT8 weights use the full 8-bit range (built on "
+            f"{weights['build_cpu']}), which this CPU ({cpu.describe()}) adds in saturating int16; "
+            "rebuild it here with `haplo-export build --precision int8` (or anywhere with --int8-weights reduced)"
+        )
+
+
 class OrtBackend(GraphBackend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle | str, intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 providers: list[str] | None = None, optimization: ort.GraphOptimizationLevel | None = None):
+    def __init__(
+        self,
+        bundle: Bundle | str,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        providers: list[str] | None = None,
+        optimization: ort.GraphOptimizationLevel | None = None,
+    ):
         super().__init__(bundle)
         self.providers = providers or ["CPUExecutionProvider"]
         if optimization is None:  # quantized bundles record the level their Q/DQ graphs need
             name = self.bundle.manifest.get("onnxruntime_optimization", "ORT_ENABLE_ALL")
             optimization = getattr(ort.GraphOptimizationLevel, name)
+        if "CPUExecutionProvider" in self.providers[:1]:
+            check_int8_cpu(self.bundle, optimization)
         self.options = session_options(intra_op_threads, inter_op_threads, optimization)
         self.sessions: dict[str, ort.InferenceSession] = {}
 
     def session(self, graph: str) -> ort.InferenceSession:
         """Created on first use, so a run pays only for the graphs it needs (cold start)."""
         if graph not in self.sessions:
-            self.sessions[graph] = ort.InferenceSession(str(self.bundle.graph_path(graph)), self.options,
-                                                        providers=self.providers)
+            self.sessions[graph] = ort.InferenceSession(
+                str(self.bundle.graph_path(graph)), self.options, providers=self.providers
+            )
         return self.sessions[graph]
 
     def run(self, graph: str, **inputs: torch.Tensor) -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 
 from haplo.engines.bundle import sha256_file, write_atomic
 from haplo.engines.graph_backend import STAGE_GRAPHS, GraphBackend
+from haplo.errors import HaploError
 
 PLUGIN_NAMESPACE = "haplo"
 PLUGIN_VERSION = "1"
@@ -34,11 +35,11 @@ METADATA_SUFFIX = ".json"
 MASKED_START = 2**30
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(HaploError, RuntimeError):
     """TensorRT or an NVIDIA GPU is missing."""
 
 
-class EngineError(RuntimeError):
+class EngineError(HaploError, RuntimeError):
     """An engine that cannot be built or loaded, with the reason."""
 
 
@@ -64,6 +65,7 @@ def _require_tensorrt():
 
 # -- ONNX preparation -------------------------------------------------------------------------------
 
+
 def prepare_onnx_for_tensorrt(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """Point every `haplo`-domain node at its plugin. Returns (model, plugin ids used).
 
@@ -81,13 +83,18 @@ def prepare_onnx_for_tensorrt(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
         kept = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
         del node.attribute[:]
         node.attribute.extend(kept)
-        node.attribute.extend([onnx.helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
-                               onnx.helper.make_attribute("plugin_version", PLUGIN_VERSION)])
+        node.attribute.extend(
+            [
+                onnx.helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
+                onnx.helper.make_attribute("plugin_version", PLUGIN_VERSION),
+            ]
+        )
         used.add(f"{PLUGIN_NAMESPACE}::{plugin}")
     return model, sorted(used)
 
 
 # -- optimisation profiles ----------------------------------------------------------------------------
+
 
 @dataclass
 class ShapeRanges:
@@ -140,6 +147,7 @@ def input_shape_range(shape: list, dims: dict[str, tuple[int, int, int]]):
 
 # -- metadata sidecar --------------------------------------------------------------------------------
 
+
 @dataclass
 class EngineMetadata:
     graph: str
@@ -157,6 +165,7 @@ class EngineMetadata:
     def mismatch(self, source_sha256: str) -> str | None:
         """Why this engine cannot be used on this machine for this source, or None."""
         import tensorrt as trt
+
         here = "{}.{}".format(*torch.cuda.get_device_capability())
         if self.source_sha256 != source_sha256:
             return "the ONNX graph changed since the engine was built"
@@ -169,6 +178,7 @@ class EngineMetadata:
 
 # -- building ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class BuildOptions:
     workspace_bytes: int = 8 << 30
@@ -177,8 +187,15 @@ class BuildOptions:
     refit: bool = False
 
 
-def build_engine(graph: str, onnx_path: Path, plan_path: Path, profiles: dict[str, dict[str, list]],
-                 precision: str, options: BuildOptions, logger=None) -> EngineMetadata:
+def build_engine(
+    graph: str,
+    onnx_path: Path,
+    plan_path: Path,
+    profiles: dict[str, dict[str, list]],
+    precision: str,
+    options: BuildOptions,
+    logger=None,
+) -> EngineMetadata:
     """Parse one graph (plugins swapped in), build it with the given profiles, write plan + sidecar.
 
     `profiles`: profile name -> input name -> (min, opt, max) shapes. The profile order is the
@@ -226,14 +243,20 @@ def build_engine(graph: str, onnx_path: Path, plan_path: Path, profiles: dict[st
     if options.timing_cache is not None:
         write_atomic(options.timing_cache, bytes(timing_cache.serialize()))
     write_atomic(plan_path, bytes(plan))
-    io = [network.get_input(i) for i in range(network.num_inputs)], \
-         [network.get_output(i) for i in range(network.num_outputs)]
+    io = (
+        [network.get_input(i) for i in range(network.num_inputs)],
+        [network.get_output(i) for i in range(network.num_outputs)],
+    )
     meta = EngineMetadata(
-        graph=graph, source_sha256=sha256_file(onnx_path), precision=precision,
-        tensorrt_version=trt.__version__, device_name=torch.cuda.get_device_name(),
+        graph=graph,
+        source_sha256=sha256_file(onnx_path),
+        precision=precision,
+        tensorrt_version=trt.__version__,
+        device_name=torch.cuda.get_device_name(),
         compute_capability="{}.{}".format(*torch.cuda.get_device_capability()),
         profiles={p: {n: [list(s) for s in v] for n, v in shapes.items()} for p, shapes in profiles.items()},
-        plugins=plugins, refittable=options.refit,
+        plugins=plugins,
+        refittable=options.refit,
         inputs=[{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape)} for t in io[0]],
         outputs=[{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape)} for t in io[1]],
     )
@@ -266,11 +289,20 @@ def load_metadata(plan_path: Path) -> EngineMetadata:
 
 # -- running ----------------------------------------------------------------------------------------
 
+
 def torch_dtype(trt_dtype):
     import tensorrt as trt
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-             trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8,
-             trt.fp8: torch.float8_e4m3fn}
+
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.bfloat16: torch.bfloat16,
+        trt.int32: torch.int32,
+        trt.int64: torch.int64,
+        trt.bool: torch.bool,
+        trt.int8: torch.int8,
+        trt.fp8: torch.float8_e4m3fn,
+    }
     return table[trt_dtype]
 
 
@@ -371,12 +403,13 @@ ENGINE_DIR = "engines"
 def graph_profiles(entry: dict, ranges: ShapeRanges) -> dict[str, dict[str, tuple]]:
     """Decoders get a prefill and a decode profile (index 0 and 1); every other graph one profile."""
     kinds = {"prefill": False, "decode": True} if entry.get("layers") else {"default": False}
-    return {name: {i["name"]: input_shape_range(i["shape"], profile_dims(ranges, decode)) for i in entry["inputs"]}
-            for name, decode in kinds.items()}
+    return {
+        name: {i["name"]: input_shape_range(i["shape"], profile_dims(ranges, decode)) for i in entry["inputs"]}
+        for name, decode in kinds.items()
+    }
 
 
-def build_bundle_engines(root: Path, manifest: dict, ranges: ShapeRanges, options: BuildOptions,
-                         log=print) -> dict:
+def build_bundle_engines(root: Path, manifest: dict, ranges: ShapeRanges, options: BuildOptions, log=print) -> dict:
     """Build one engine per graph of a (temporary) bundle directory; returns the manifest's `engines`."""
     trt = _require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -387,11 +420,19 @@ def build_bundle_engines(root: Path, manifest: dict, ranges: ShapeRanges, option
         profiles = graph_profiles(entry, ranges)
         started = time.perf_counter()
         meta = build_engine(name, root / entry["file"], plan, profiles, entry["precision"], options, logger)
-        log(f"[{i}/{len(manifest['graphs'])}] engine {name}: {len(profiles)} profile(s), plugins "
-            f"{meta.plugins or 'none'}, {time.perf_counter() - started:.1f}s")
-        engines[name] = {"file": f"{ENGINE_DIR}/{plan.name}", "metadata": f"{ENGINE_DIR}/{plan.stem}{METADATA_SUFFIX}",
-                         "profiles": list(profiles), "precision": entry["precision"], "plugins": meta.plugins,
-                         "tensorrt_version": meta.tensorrt_version, "compute_capability": meta.compute_capability}
+        log(
+            f"[{i}/{len(manifest['graphs'])}] engine {name}: {len(profiles)} profile(s), plugins "
+            f"{meta.plugins or 'none'}, {time.perf_counter() - started:.1f}s"
+        )
+        engines[name] = {
+            "file": f"{ENGINE_DIR}/{plan.name}",
+            "metadata": f"{ENGINE_DIR}/{plan.stem}{METADATA_SUFFIX}",
+            "profiles": list(profiles),
+            "precision": entry["precision"],
+            "plugins": meta.plugins,
+            "tensorrt_version": meta.tensorrt_version,
+            "compute_capability": meta.compute_capability,
+        }
     return engines
 
 
@@ -415,8 +456,10 @@ class TensorRTBackend(GraphBackend):
         if not self.bundle.manifest.get("engines"):
             from haplo.engines.bundle import BundleError
 
-            raise BundleError(f"{self.bundle.root}: the bundle has no TensorRT engines; build it with "
-                              "`haplo-export build --target tensorrt` on a machine with an NVIDIA GPU")
+            raise BundleError(
+                f"{self.bundle.root}: the bundle has no TensorRT engines; build it with "
+                "`haplo-export build --target tensorrt` on a machine with an NVIDIA GPU"
+            )
         self.cuda_graphs, self.rebuild = cuda_graphs, rebuild
         self.runners: dict[str, EngineRunner] = {}
         self.slots = {stage: 0 for stage in STAGE_GRAPHS}
@@ -430,8 +473,9 @@ class TensorRTBackend(GraphBackend):
             if reason is not None:
                 if not self.rebuild:
                     raise EngineError(f"{plan}: {reason}; rebuild the bundle's engines")
-                profiles = {p: {n: tuple(tuple(s) for s in v) for n, v in shapes.items()}
-                            for p, shapes in meta.profiles.items()}
+                profiles = {
+                    p: {n: tuple(tuple(s) for s in v) for n, v in shapes.items()} for p, shapes in meta.profiles.items()
+                }
                 build_engine(graph, source, plan, profiles, meta.precision, BuildOptions(refit=meta.refittable))
             self.runners[graph] = EngineRunner(plan, cuda_graphs=self.cuda_graphs)
         return self.runners[graph]
@@ -467,4 +511,3 @@ class TensorRTBackend(GraphBackend):
 
     def expand_past(self, past, repeats):
         return [t.repeat_interleave(repeats, 0) for t in past]
-

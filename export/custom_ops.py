@@ -30,12 +30,30 @@ haplo_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
 # -- torch custom ops --------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("haplo::multimodal_adaln", mutates_args=())
-def multimodal_adaln_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, indicator_weight: torch.Tensor,
-                        indicator_bias: torch.Tensor, ssg_l: torch.Tensor, ssg_c: torch.Tensor, eps: float,
-                        layernorm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    out, gate = ops.multimodal_adaln(x, weight, bias if layernorm else None, indicator_weight, indicator_bias,
-                                     ssg_l, ssg_c, eps, "layernorm" if layernorm else "rmsnorm")
+def multimodal_adaln_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    indicator_weight: torch.Tensor,
+    indicator_bias: torch.Tensor,
+    ssg_l: torch.Tensor,
+    ssg_c: torch.Tensor,
+    eps: float,
+    layernorm: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, gate = ops.multimodal_adaln(
+        x,
+        weight,
+        bias if layernorm else None,
+        indicator_weight,
+        indicator_bias,
+        ssg_l,
+        ssg_c,
+        eps,
+        "layernorm" if layernorm else "rmsnorm",
+    )
     return out.contiguous(), gate.contiguous()
 
 
@@ -45,8 +63,9 @@ def _(x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c, eps, laye
 
 
 @torch.library.custom_op("haplo::hybrid_attention", mutates_args=())
-def hybrid_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_start: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+def hybrid_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_start: torch.Tensor, scale: float
+) -> torch.Tensor:
     return ops.hybrid_attention(query, key, value, key_start, scale).contiguous()
 
 
@@ -57,8 +76,9 @@ def _(query, key, value, key_start, scale):
 
 def _adaln_via_op(x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c, eps, mode="rmsnorm"):
     bias = torch.zeros_like(weight) if bias is None else bias
-    return multimodal_adaln_op(x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c, float(eps),
-                               int(mode == "layernorm"))
+    return multimodal_adaln_op(
+        x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c, float(eps), int(mode == "layernorm")
+    )
 
 
 def _attention_via_op(query, key, value, key_start, scale=None):
@@ -80,26 +100,42 @@ def routed_to_custom_ops(enabled: bool = True):
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
-def _schema(name: str, inputs: list[str], outputs: list[str], attributes: list[tuple[str, OpSchema.AttrType]],
-            int_inputs: tuple[str, ...] = ()) -> OpSchema:
+def _schema(
+    name: str,
+    inputs: list[str],
+    outputs: list[str],
+    attributes: list[tuple[str, OpSchema.AttrType]],
+    int_inputs: tuple[str, ...] = (),
+) -> OpSchema:
     def param(n):
         return OpSchema.FormalParameter(n, "I" if n in int_inputs else "T")
 
     constraints = [("T", _FLOATS, "floating point")]
     if int_inputs:
         constraints.append(("I", ["tensor(int64)", "tensor(int32)"], "integer"))
-    return OpSchema(name, DOMAIN, DOMAIN_VERSION, inputs=[param(n) for n in inputs],
-                    outputs=[param(n) for n in outputs], type_constraints=constraints,
-                    attributes=[OpSchema.Attribute(a, t, "") for a, t in attributes])
+    return OpSchema(
+        name,
+        DOMAIN,
+        DOMAIN_VERSION,
+        inputs=[param(n) for n in inputs],
+        outputs=[param(n) for n in outputs],
+        type_constraints=constraints,
+        attributes=[OpSchema.Attribute(a, t, "") for a, t in attributes],
+    )
 
 
 ADALN_INPUTS = ["x", "weight", "bias", "indicator_weight", "indicator_bias", "ssg_l", "ssg_c"]
 ATTENTION_INPUTS = ["query", "key", "value", "key_start"]
 SCHEMAS = [
-    _schema("MultimodalAdaLN", ADALN_INPUTS, ["out", "gate"],
-            [("epsilon", OpSchema.AttrType.FLOAT), ("layernorm", OpSchema.AttrType.INT)]),
-    _schema("HybridAttention", ATTENTION_INPUTS, ["out"], [("scale", OpSchema.AttrType.FLOAT)],
-            int_inputs=("key_start",)),
+    _schema(
+        "MultimodalAdaLN",
+        ADALN_INPUTS,
+        ["out", "gate"],
+        [("epsilon", OpSchema.AttrType.FLOAT), ("layernorm", OpSchema.AttrType.INT)],
+    ),
+    _schema(
+        "HybridAttention", ATTENTION_INPUTS, ["out"], [("scale", OpSchema.AttrType.FLOAT)], int_inputs=("key_start",)
+    ),
 ]
 for _s in SCHEMAS:
     if not onnx.defs.has(_s.name, _s.domain):
@@ -107,8 +143,9 @@ for _s in SCHEMAS:
 
 
 def _translate_adaln(x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c, eps: float, layernorm: int):
-    return haplo_opset.MultimodalAdaLN(x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c,
-                                       epsilon=eps, layernorm=layernorm)
+    return haplo_opset.MultimodalAdaLN(
+        x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c, epsilon=eps, layernorm=layernorm
+    )
 
 
 def _translate_attention(query, key, value, key_start, scale: float):
@@ -123,6 +160,7 @@ TRANSLATIONS = {
 
 # -- ONNX: the model-local functions (standard-op decomposition) -------------------------------------
 
+
 @onnxscript.script(haplo_opset, default_opset=op)
 def MultimodalAdaLN(x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c, epsilon: float, layernorm: int):
     # One body for both norm modes: layernorm centres x and the switch reads raw x; rmsnorm does
@@ -136,8 +174,9 @@ def MultimodalAdaLN(x, weight, bias, indicator_weight, indicator_bias, ssg_l, ss
     switch_in = unit + is_ln * (x - unit)
     logits = op.MatMul(switch_in * op.Sigmoid(switch_in), op.Transpose(indicator_weight, perm=[1, 0])) + indicator_bias
     switch = op.Softmax(logits, axis=-1)  # [..., 2]: index 0 -> latent set, 1 -> condition set
-    sets = op.Concat(op.Unsqueeze(ssg_l, op.Constant(value_ints=[0])),
-                     op.Unsqueeze(ssg_c, op.Constant(value_ints=[0])), axis=0)  # [2, 3, H]
+    sets = op.Concat(
+        op.Unsqueeze(ssg_l, op.Constant(value_ints=[0])), op.Unsqueeze(ssg_c, op.Constant(value_ints=[0])), axis=0
+    )  # [2, 3, H]
     mixed = op.MatMul(switch, op.Reshape(sets, op.Concat(op.Constant(value_ints=[2, -1]), axis=0)))  # [..., 3H]
     shift, scale, gate = op.Split(mixed, num_outputs=3, axis=-1)
     out = normed * (op.CastLike(op.Constant(value_float=1.0), x) + scale) + shift
@@ -163,8 +202,7 @@ def HybridAttention(query, key, value, key_start, scale: float):
     merged = op.Concat(b, q_heads, k_len, d, axis=0)
     key = op.Reshape(op.Expand(op.Unsqueeze(key, op.Constant(value_ints=[2])), expand_to), merged)
     value = op.Reshape(op.Expand(op.Unsqueeze(value, op.Constant(value_ints=[2])), expand_to), merged)
-    scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])) * op.CastLike(op.Constant(value_float=scale),
-                                                                                   query)
+    scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])) * op.CastLike(op.Constant(value_float=scale), query)
     neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), scores)
     probs = op.Softmax(op.Where(allowed, scores, neg_inf), axis=-1)
     out = op.MatMul(probs, value)

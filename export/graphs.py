@@ -50,6 +50,7 @@ class GraphSpec:
 
 # -- wrappers: one nn.Module per graph, positional tensors in, tuple out ---------------------------
 
+
 class EmbedText(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -120,6 +121,7 @@ class VAEDecoder(nn.Module):
 
 # -- specs ------------------------------------------------------------------------------------------
 
+
 def graph_specs(model, vae=None, latent_shape: tuple[int, int, int, int] | None = None) -> list[GraphSpec]:
     """Every graph of the model with its export sample and a second sample of other shapes.
 
@@ -139,22 +141,40 @@ def graph_specs(model, vae=None, latent_shape: tuple[int, int, int, int] | None 
         return torch.randint(0, cfg.vocab_size, shape, generator=g)
 
     specs = [
-        GraphSpec("embed_text", EmbedText(model), {"input_ids": ids(2, 5)}, ["inputs_embeds"],
-                  {"input_ids": ["batch", "sequence"], "inputs_embeds": ["batch", "sequence", pre]},
-                  {"input_ids": ids(1, 9)}),
-        GraphSpec("embed_vision", EmbedVision(model), {"pixel_values": randn(2, 3, s, s)}, ["patch_features"],
-                  {"pixel_values": ["num_tiles", 3, s, s], "patch_features": ["num_tiles", patches, pre]},
-                  {"pixel_values": randn(3, 3, s, s)}),
+        GraphSpec(
+            "embed_text",
+            EmbedText(model),
+            {"input_ids": ids(2, 5)},
+            ["inputs_embeds"],
+            {"input_ids": ["batch", "sequence"], "inputs_embeds": ["batch", "sequence", pre]},
+            {"input_ids": ids(1, 9)},
+        ),
+        GraphSpec(
+            "embed_vision",
+            EmbedVision(model),
+            {"pixel_values": randn(2, 3, s, s)},
+            ["patch_features"],
+            {"pixel_values": ["num_tiles", 3, s, s], "patch_features": ["num_tiles", patches, pre]},
+            {"pixel_values": randn(3, 3, s, s)},
+        ),
     ]
     c, p = gen.latent_channels, gen.latent_patch_size
-    specs.append(GraphSpec(
-        "embed_generation", EmbedGeneration(model),
-        {"latents": randn(2, 2, c, 2 * p, 3 * p), "timestep": torch.tensor([999, 500])},
-        ["time_token", "latent_tokens", "temb"],
-        {"latents": ["batch", "latent_frames", c, "latent_height", "latent_width"], "timestep": ["batch"],
-         "time_token": ["batch", 1, pre], "latent_tokens": ["batch", "visual_tokens", pre],
-         "temb": ["batch", gen.time_embed_dim]},
-        {"latents": randn(1, 3, c, 4 * p, 2 * p), "timestep": torch.tensor([250])}))
+    specs.append(
+        GraphSpec(
+            "embed_generation",
+            EmbedGeneration(model),
+            {"latents": randn(2, 2, c, 2 * p, 3 * p), "timestep": torch.tensor([999, 500])},
+            ["time_token", "latent_tokens", "temb"],
+            {
+                "latents": ["batch", "latent_frames", c, "latent_height", "latent_width"],
+                "timestep": ["batch"],
+                "time_token": ["batch", 1, pre],
+                "latent_tokens": ["batch", "visual_tokens", pre],
+                "temb": ["batch", gen.time_embed_dim],
+            },
+            {"latents": randn(1, 3, c, 4 * p, 2 * p), "timestep": torch.tensor([250])},
+        )
+    )
     for stage, name in STAGE_GRAPHS.items():
         stage_cfg = cfg.stages[stage]
         width_in = {"pre": pre, "base": base, "post": post}[stage]
@@ -163,51 +183,85 @@ def graph_specs(model, vae=None, latent_shape: tuple[int, int, int, int] | None 
         kv, hd = stage_cfg.num_key_value_heads, stage_cfg.head_dim
 
         def stage_inputs(batch, length, past, layers=layers, width_in=width_in, kv=kv, hd=hd):
-            inputs = {"hidden_states": randn(batch, length, width_in),
-                      "position_ids": torch.arange(past, past + length).expand(batch, length).contiguous(),
-                      "key_start": torch.arange(past + length).expand(batch, past + length).contiguous()}
+            inputs = {
+                "hidden_states": randn(batch, length, width_in),
+                "position_ids": torch.arange(past, past + length).expand(batch, length).contiguous(),
+                "key_start": torch.arange(past + length).expand(batch, past + length).contiguous(),
+            }
             for n in layers:
                 inputs[f"past_key_values.{n}.key"] = randn(batch, kv, past, hd)
                 inputs[f"past_key_values.{n}.value"] = randn(batch, kv, past, hd)
             return inputs
 
-        dims = {"hidden_states": ["batch", "sequence", width_in], "position_ids": ["batch", "sequence"],
-                "key_start": ["batch", "total_sequence"],
-                "hidden_states_out": ["batch", "sequence", width_out]}
+        dims = {
+            "hidden_states": ["batch", "sequence", width_in],
+            "position_ids": ["batch", "sequence"],
+            "key_start": ["batch", "total_sequence"],
+            "hidden_states_out": ["batch", "sequence", width_out],
+        }
         outputs = ["hidden_states_out"]
         for n in layers:
             for kind in ("key", "value"):
                 dims[f"past_key_values.{n}.{kind}"] = ["batch", kv, "past_sequence", hd]
                 dims[f"present.{n}.{kind}"] = ["batch", kv, "total_sequence", hd]
                 outputs.append(f"present.{n}.{kind}")
-        specs.append(GraphSpec(name, DecoderStage(model, stage), stage_inputs(2, 5, 3), outputs, dims,
-                               stage_inputs(1, 1, 7), layers))
-    specs.append(GraphSpec(
-        "lm_head", LMHead(model), {"last_decoder_hidden_state": randn(2, 5, post)}, ["logits"],
-        {"last_decoder_hidden_state": ["batch", "sequence", post], "logits": ["batch", "sequence", cfg.vocab_size]},
-        {"last_decoder_hidden_state": randn(1, 1, post)}))
-    specs.append(GraphSpec(
-        "latent_head", LatentHead(model),
-        {"hidden_states": randn(2, 2 * 1 * 3, post), "temb": randn(2, gen.time_embed_dim),
-         "latents": randn(2, 2, c, p, 3 * p)},
-        ["sample"],
-        {"hidden_states": ["batch", "visual_tokens", post], "temb": ["batch", gen.time_embed_dim],
-         "latents": ["batch", "latent_frames", c, "latent_height", "latent_width"],
-         "sample": ["batch", "latent_frames", c, "latent_height", "latent_width"]},
-        {"hidden_states": randn(1, 3 * 2 * 1, post), "temb": randn(1, gen.time_embed_dim),
-         "latents": randn(1, 3, c, 2 * p, p)}))
+        specs.append(
+            GraphSpec(
+                name, DecoderStage(model, stage), stage_inputs(2, 5, 3), outputs, dims, stage_inputs(1, 1, 7), layers
+            )
+        )
+    specs.append(
+        GraphSpec(
+            "lm_head",
+            LMHead(model),
+            {"last_decoder_hidden_state": randn(2, 5, post)},
+            ["logits"],
+            {"last_decoder_hidden_state": ["batch", "sequence", post], "logits": ["batch", "sequence", cfg.vocab_size]},
+            {"last_decoder_hidden_state": randn(1, 1, post)},
+        )
+    )
+    specs.append(
+        GraphSpec(
+            "latent_head",
+            LatentHead(model),
+            {
+                "hidden_states": randn(2, 2 * 1 * 3, post),
+                "temb": randn(2, gen.time_embed_dim),
+                "latents": randn(2, 2, c, p, 3 * p),
+            },
+            ["sample"],
+            {
+                "hidden_states": ["batch", "visual_tokens", post],
+                "temb": ["batch", gen.time_embed_dim],
+                "latents": ["batch", "latent_frames", c, "latent_height", "latent_width"],
+                "sample": ["batch", "latent_frames", c, "latent_height", "latent_width"],
+            },
+            {
+                "hidden_states": randn(1, 3 * 2 * 1, post),
+                "temb": randn(1, gen.time_embed_dim),
+                "latents": randn(1, 3, c, 2 * p, p),
+            },
+        )
+    )
     if vae is not None and latent_shape is not None:
         # Static: the causal 3-D convolutions unroll over frames; the backend decodes row by row.
         frames, channels, h, w = latent_shape
         comp, tcomp = gen.vae_spatial_compression, gen.vae_temporal_compression
-        specs.append(GraphSpec(
-            "vae_decoder", VAEDecoder(vae), {"latents": randn(1, channels, frames, h, w)}, ["video"],
-            {"latents": [1, channels, frames, h, w], "video": [1, 3, (frames - 1) * tcomp + 1, h * comp, w * comp]},
-            {"latents": randn(1, channels, frames, h, w)}))
+        specs.append(
+            GraphSpec(
+                "vae_decoder",
+                VAEDecoder(vae),
+                {"latents": randn(1, channels, frames, h, w)},
+                ["video"],
+                {"latents": [1, channels, frames, h, w], "video": [1, 3, (frames - 1) * tcomp + 1, h * comp, w * comp]},
+                {},
+            )
+        )  # one sample: the graph is static, and at 480 x 720 x 49 each check takes a minute
     return specs
 
 
 # -- export -----------------------------------------------------------------------------------------
+
 
 def _dynamic_shapes(spec: GraphSpec):
     """torch.export AUTO dims wherever the spec names a dimension: relations (total = past +
@@ -247,9 +301,17 @@ def export_graph(spec: GraphSpec, path: Path, decomposed: bool = False) -> onnx.
         with routed_to_custom_ops(not decomposed), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                spec.module, tuple(spec.inputs.values()), dynamo=True, dynamic_shapes=_dynamic_shapes(spec),
-                input_names=list(spec.inputs), output_names=spec.outputs, opset_version=OPSET,
-                custom_translation_table=TRANSLATIONS, optimize=True, verbose=False, report=False,
+                spec.module,
+                tuple(spec.inputs.values()),
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(spec),
+                input_names=list(spec.inputs),
+                output_names=spec.outputs,
+                opset_version=OPSET,
+                custom_translation_table=TRANSLATIONS,
+                optimize=True,
+                verbose=False,
+                report=False,
             )
     finally:
         registration_log.setLevel(level)
@@ -260,6 +322,12 @@ def export_graph(spec: GraphSpec, path: Path, decomposed: bool = False) -> onnx.
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # save appends to an existing external-data file
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
     return onnx.load(str(path), load_external_data=False)

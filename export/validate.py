@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 
 from haplo.backend import Backend
+from haplo.errors import HaploError
 from haplo.export.graphs import GraphSpec
 from haplo.runtime import DecodeState, denoise, embed_understanding, forward_tokens, understand
 
@@ -22,6 +23,10 @@ from haplo.runtime import DecodeState, denoise, embed_understanding, forward_tok
 @dataclass
 class Tolerances:
     atol: float = 1e-4  # per-graph max abs error
+    # The VAE decoder's budget: one level of the 8-bit video it is written as (values in [-1, 1]), so an
+    # export within it writes the same pixels up to rounding ties. At 480 x 720 x 49 the fp32 reductions
+    # of its group norms over 2.7M values differ between ONNX Runtime and PyTorch by ~5e-3.
+    vae_atol: float = 2 / 255
     min_cosine: float = 0.9999  # per-graph cosine similarity
     min_token_agreement: float = 1.0  # teacher-forced greedy agreement
     ddim_atol: float = 1e-3  # latents after the DDIM check
@@ -33,8 +38,11 @@ class Tolerances:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def atol_for(self, graph: str) -> float:
+        return self.vae_atol if graph == "vae_decoder" else self.atol
 
-class ParityError(RuntimeError):
+
+class ParityError(HaploError, RuntimeError):
     """Exported graphs that do not reproduce PyTorch within the tolerances."""
 
 
@@ -43,13 +51,21 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> dict:
     finite = bool(np.isfinite(actual64).all())
     norm = np.linalg.norm(actual64) * np.linalg.norm(expected64)
     cosine = float(actual64 @ expected64 / norm) if norm > 0 else float(np.array_equal(actual64, expected64))
-    return {"max_abs_error": float(np.abs(actual64 - expected64).max()) if actual64.size else 0.0,
-            "cosine": cosine, "finite": finite, "shape": list(actual.shape)}
+    return {
+        "max_abs_error": float(np.abs(actual64 - expected64).max()) if actual64.size else 0.0,
+        "cosine": cosine,
+        "finite": finite,
+        "shape": list(actual.shape),
+    }
 
 
-def validate_graph(spec: GraphSpec, onnx_path, tolerances: Tolerances,
-                   options: ort.SessionOptions | None = None) -> dict:
+def validate_graph(
+    spec: GraphSpec, onnx_path, tolerances: Tolerances, options: ort.SessionOptions | None = None
+) -> dict:
     """Run one exported graph in ONNX Runtime against its torch module on both samples."""
+    if options is None:  # one-shot runs: no arena, so a large graph's buffers go back to the OS
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena, options.enable_mem_pattern, options.log_severity_level = False, False, 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     problems = []
     names = [o.name for o in session.get_outputs()]
@@ -61,7 +77,7 @@ def validate_graph(spec: GraphSpec, onnx_path, tolerances: Tolerances,
             problems.append(f"{value.name} dims {value.shape} != {wanted}")
     worst = {"max_abs_error": 0.0, "cosine": 1.0, "finite": True}
     outputs = {}
-    for sample in (spec.inputs, spec.check_inputs):
+    for sample in (s for s in (spec.inputs, spec.check_inputs) if s):
         got = session.run(None, {k: v.numpy() for k, v in sample.items()})
         with torch.no_grad():
             want = spec.module(*sample.values())
@@ -77,8 +93,9 @@ def validate_graph(spec: GraphSpec, onnx_path, tolerances: Tolerances,
             worst["finite"] &= stats["finite"]
     if not worst["finite"]:
         problems.append("NaN or Inf in the outputs")
-    if worst["max_abs_error"] > tolerances.atol:
-        problems.append(f"max abs error {worst['max_abs_error']:.3g} > {tolerances.atol:g}")
+    atol = tolerances.atol_for(spec.name)
+    if worst["max_abs_error"] > atol:
+        problems.append(f"max abs error {worst['max_abs_error']:.3g} > {atol:g}")
     if worst["cosine"] < tolerances.min_cosine:
         problems.append(f"cosine {worst['cosine']:.6f} < {tolerances.min_cosine}")
     return {**worst, "outputs": outputs, "problems": problems, "ok": not problems}
@@ -89,22 +106,32 @@ def token_agreement(reference: Backend, candidate: Backend, inputs: dict, steps:
     """Greedy decode on `reference`; the candidate predicts each next token from the same prefix."""
     ref = understand(reference, **inputs, max_new_tokens=steps)
     tokens = ref.new_tokens
-    embeds = embed_understanding(candidate, inputs["input_ids"], inputs.get("pixel_values"),
-                                 inputs.get("image_sizes"), inputs.get("pixel_values_videos"))
-    logits, state = forward_tokens(candidate, embeds, inputs["attention_mask"], inputs.get("attention_start_ids"),
-                                   DecodeState())
+    embeds = embed_understanding(
+        candidate,
+        inputs["input_ids"],
+        inputs.get("pixel_values"),
+        inputs.get("image_sizes"),
+        inputs.get("pixel_values_videos"),
+    )
+    logits, state = forward_tokens(
+        candidate, embeds, inputs["attention_mask"], inputs.get("attention_start_ids"), DecodeState()
+    )
     agree = []
     for step in range(tokens.shape[1]):
         agree.append(logits.argmax(-1) == tokens[:, step])
         if step + 1 < tokens.shape[1]:
             step_mask = torch.ones_like(tokens[:, :1])
-            logits, state = forward_tokens(candidate, candidate.embed_text(tokens[:, step:step + 1]), step_mask, None,
-                                           state)
+            logits, state = forward_tokens(
+                candidate, candidate.embed_text(tokens[:, step : step + 1]), step_mask, None, state
+            )
     agree = torch.stack(agree, dim=1)
     mismatches = (~agree).nonzero()
-    return {"steps": int(tokens.shape[1]), "agreement": float(agree.float().mean()),
-            "first_mismatch_step": int(mismatches[0, 1]) if len(mismatches) else None,
-            "reference_tokens": tokens.tolist()}
+    return {
+        "steps": int(tokens.shape[1]),
+        "agreement": float(agree.float().mean()),
+        "first_mismatch_step": int(mismatches[0, 1]) if len(mismatches) else None,
+        "reference_tokens": tokens.tolist(),
+    }
 
 
 def psnr(actual: np.ndarray, expected: np.ndarray, peak_to_peak: float = 2.0) -> float:
@@ -114,8 +141,16 @@ def psnr(actual: np.ndarray, expected: np.ndarray, peak_to_peak: float = 2.0) ->
 
 
 @torch.no_grad()
-def ddim_parity(reference: Backend, candidate: Backend, input_ids, attention_mask, latents, steps: int = 3,
-                guidance: float = 6.5, decode: bool = False) -> dict:
+def ddim_parity(
+    reference: Backend,
+    candidate: Backend,
+    input_ids,
+    attention_mask,
+    latents,
+    steps: int = 3,
+    guidance: float = 6.5,
+    decode: bool = False,
+) -> dict:
     """Latents after `steps` guided DDIM steps on both; with `decode`, the video PSNR of the VAE decode."""
     a = denoise(reference, input_ids, attention_mask, latents, steps, guidance)
     b = denoise(candidate, input_ids, attention_mask, latents, steps, guidance)

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from haplo.config import HaploOmniConfig
+from haplo.errors import RequestError
 
 STAGES = ("pre", "base", "post")
 
@@ -41,8 +42,9 @@ class Backend(ABC):
 
     # -- decoder stages -----------------------------------------------------------------------------
     @abstractmethod
-    def run_stage(self, stage: str, hidden: torch.Tensor, position_ids: torch.Tensor, key_start: torch.Tensor,
-                  past=None):
+    def run_stage(
+        self, stage: str, hidden: torch.Tensor, position_ids: torch.Tensor, key_start: torch.Tensor, past=None
+    ):
         """One stage (see HaploOmniModel.stage_forward): hidden [B, L, in width], position_ids [B, L],
         key_start [B, Lpast + L], past = this stage's cache from a previous call or None.
         Returns (hidden [B, L, out width], present) where present is this stage's cache after the call."""
@@ -59,6 +61,10 @@ class Backend(ABC):
     @abstractmethod
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, F, C, h, w] latents -> [B, 3, frames, H, W] video in [-1, 1]."""
+
+    @abstractmethod
+    def check_vae_size(self, latent_shape: tuple[int, int, int, int]) -> None:
+        """Raise RequestError unless `vae_decode` can decode latents of (frames, C, h, w)."""
 
     # -- cache helpers shared by every backend ------------------------------------------------------
     def keep_cache(self, past):
@@ -113,10 +119,16 @@ class TorchBackend(Backend):
     def latent_head(self, hidden, temb, latent_shape):
         return self.model.latent_head(self._cast(hidden), self._cast(temb), latent_shape)
 
+    def check_vae_size(self, latent_shape):
+        if self.vae is None:
+            raise RequestError(
+                "no VAE to decode the video with: pass --vae DIR (a diffusers AutoencoderKLCogVideoX "
+                "directory), or a checkpoint with a vae/ folder"
+            )
+
     @torch.no_grad()
     def vae_decode(self, latents):
-        if self.vae is None:
-            raise RuntimeError("this backend has no VAE; pass one to decode latents into a video")
+        self.check_vae_size(tuple(latents.shape[1:]))
         from haplo.vae import decode_latents
 
         return decode_latents(self.vae, latents)

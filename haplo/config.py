@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from haplo.errors import HaploError
+
 CONFIG_NAME = "config.json"
 
 
-class ConfigError(ValueError):
+class ConfigError(HaploError, ValueError):
     """A config file or preset that cannot describe a HaploOmni model."""
 
 
@@ -63,11 +65,15 @@ class StageConfig:
 
     def validate(self, name: str) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"{name}: hidden_size {self.hidden_size} is not divisible by "
-                              f"num_attention_heads {self.num_attention_heads}")
+            raise ConfigError(
+                f"{name}: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"{name}: num_attention_heads {self.num_attention_heads} is not a "
-                              f"multiple of num_key_value_heads {self.num_key_value_heads}")
+            raise ConfigError(
+                f"{name}: num_attention_heads {self.num_attention_heads} is not a "
+                f"multiple of num_key_value_heads {self.num_key_value_heads}"
+            )
         if self.norm_mode not in ("rmsnorm", "layernorm"):
             raise ConfigError(f"{name}: norm_mode must be 'rmsnorm' or 'layernorm', got {self.norm_mode!r}")
 
@@ -131,15 +137,30 @@ class VideoGenerationConfig:
         return asdict(self)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(latent frames, channels, latent height, latent width) for a video size."""
-        if height % (self.vae_spatial_compression * self.latent_patch_size) or width % (
-            self.vae_spatial_compression * self.latent_patch_size
-        ):
-            step = self.vae_spatial_compression * self.latent_patch_size
-            raise ConfigError(f"height and width must be multiples of {step}, got {height}x{width}")
-        frames = (num_frames - 1) // self.vae_temporal_compression + 1
-        return (frames, self.latent_channels, height // self.vae_spatial_compression,
-                width // self.vae_spatial_compression)
+        """(latent frames, channels, latent height, latent width) for a video size.
+
+        The CogVideoX VAE decodes latent frames two at a time after the first odd one: an odd count n
+        gives t (n - 1) + 1 frames (t = temporal compression), an even count gives t n, so only
+        frame counts 2tk + 1 (1, 9, 17, ..., 49 for t = 4) round-trip; others are refused.
+        """
+        step = self.vae_spatial_compression * self.latent_patch_size
+        if height <= 0 or width <= 0 or height % step or width % step:
+            raise ConfigError(f"height and width must be positive multiples of {step}, got {height}x{width}")
+        t = self.vae_temporal_compression
+        if num_frames < 1 or (num_frames - 1) % (2 * t):
+            valid = ", ".join(str(2 * t * k + 1) for k in range(4))
+            below = max(0, (num_frames - 1) // (2 * t)) * 2 * t + 1
+            near = f"{below} or {below + 2 * t}" if num_frames > 1 else "1"
+            raise ConfigError(
+                f"{num_frames} frames: the CogVideoX VAE decodes {2 * t}k + 1 frames ({valid}, ...); use {near}"
+            )
+        frames = (num_frames - 1) // t + 1
+        return (
+            frames,
+            self.latent_channels,
+            height // self.vae_spatial_compression,
+            width // self.vae_spatial_compression,
+        )
 
     def latent_tokens(self, num_frames: int, height: int, width: int) -> int:
         f, _, h, w = self.latent_shape(num_frames, height, width)
@@ -176,7 +197,8 @@ class HaploOmniConfig:
                 raise ConfigError(
                     f"{name}: head_dim {stage.head_dim} differs from the base head_dim "
                     f"{self.base.head_dim}, so it cannot share the base RoPE table; set "
-                    f"attention_rope=true (own RoPE) or use_pe=false")
+                    f"attention_rope=true (own RoPE) or use_pe=false"
+                )
 
     # -- convenience views -------------------------------------------------------------------
     @property
@@ -217,9 +239,18 @@ class HaploOmniConfig:
         missing = [k for k in ("base_config", "pre_config", "post_config") if k not in data]
         if missing:
             raise ConfigError(f"config is not a HaploOmni config: missing {', '.join(missing)}")
-        own = {"base_config", "pre_config", "post_config", "pre_connector", "post_connector",
-               "video_generation", "tie_word_embeddings", "pad_token_id", "official_mask_quirk",
-               "torch_dtype"}
+        own = {
+            "base_config",
+            "pre_config",
+            "post_config",
+            "pre_connector",
+            "post_connector",
+            "video_generation",
+            "tie_word_embeddings",
+            "pad_token_id",
+            "official_mask_quirk",
+            "torch_dtype",
+        }
         base_keys = set(data["base_config"])
         return cls(
             pre=StageConfig.from_dict(data["pre_config"]),
@@ -284,6 +315,7 @@ class HaploOmniConfig:
 
 # -- presets -------------------------------------------------------------------------------------
 
+
 def _stage(**kw: Any) -> StageConfig:
     return StageConfig(**kw)
 
@@ -292,12 +324,32 @@ def _tiny() -> HaploOmniConfig:
     # The shape of the official `tiny-a` fixture: 2+2+2 layers, pre/post 64 wide, base 96 wide.
     vision = dict(vocab_size=1024, patch_size=14, default_image_size=56, image_grid_pinpoints=[[56, 56]])
     return HaploOmniConfig(
-        pre=_stage(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-                   rope_theta=10000.0, attention_rope=True, **vision),
-        base=_stage(hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=2,
-                    rope_theta=1_000_000.0, **vision),
-        post=_stage(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-                    rope_theta=10000.0, attention_rope=True, **vision),
+        pre=_stage(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rope_theta=10000.0,
+            attention_rope=True,
+            **vision,
+        ),
+        base=_stage(
+            hidden_size=96,
+            intermediate_size=192,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            **vision,
+        ),
+        post=_stage(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rope_theta=10000.0,
+            attention_rope=True,
+            **vision,
+        ),
         video_generation=VideoGenerationConfig(num_inference_steps=8, num_frames=9, height=64, width=64, fps=8),
     )
 
@@ -315,35 +367,101 @@ def _tiny_priors() -> HaploOmniConfig:
 
 def _small() -> HaploOmniConfig:
     # About 100M parameters: big enough for CPU benchmarks to mean something, small enough to run.
-    vision = dict(vocab_size=8192, patch_size=14, default_image_size=112, image_grid_pinpoints=[[112, 112]],
-                  image_token_index=8000, video_token_index=8001, max_position_embeddings=8192)
+    vision = dict(
+        vocab_size=8192,
+        patch_size=14,
+        default_image_size=112,
+        image_grid_pinpoints=[[112, 112]],
+        image_token_index=8000,
+        video_token_index=8001,
+        max_position_embeddings=8192,
+    )
     return HaploOmniConfig(
-        pre=_stage(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
-                   num_key_value_heads=6, norm_mode="layernorm", rms_norm_eps=1e-5, rope_theta=10000.0,
-                   attention_rope=True, **vision),
-        base=_stage(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
-                    num_key_value_heads=2, rope_theta=1_000_000.0, **vision),
-        post=_stage(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-                    num_key_value_heads=6, norm_mode="layernorm", rms_norm_eps=1e-5, rope_theta=10000.0,
-                    attention_rope=True, use_qk_norm=True, **vision),
+        pre=_stage(
+            hidden_size=384,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            norm_mode="layernorm",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            attention_rope=True,
+            **vision,
+        ),
+        base=_stage(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=10,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            **vision,
+        ),
+        post=_stage(
+            hidden_size=384,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            norm_mode="layernorm",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            attention_rope=True,
+            use_qk_norm=True,
+            **vision,
+        ),
         video_generation=VideoGenerationConfig(num_inference_steps=20, num_frames=9, height=128, width=128),
     )
 
 
 def _haplo_omni_9b() -> HaploOmniConfig:
     # Paper sizes: CLIP-ViT-L/14-336 pre-decoder, Qwen2.5-7B base, CogVideoX-2B post-decoder.
-    vision = dict(vocab_size=152064, patch_size=14, default_image_size=336, image_aspect_ratio="anyres_max_9",
-                  image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-                  image_token_index=151646, video_token_index=151647, max_position_embeddings=32768)
+    vision = dict(
+        vocab_size=152064,
+        patch_size=14,
+        default_image_size=336,
+        image_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        image_token_index=151646,
+        video_token_index=151647,
+        max_position_embeddings=32768,
+    )
     return HaploOmniConfig(
-        pre=_stage(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                   num_key_value_heads=16, norm_mode="layernorm", rms_norm_eps=1e-5, rope_theta=10000.0,
-                   attention_rope=True, **vision),
-        base=_stage(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                    num_key_value_heads=4, rope_theta=1_000_000.0, **vision),
-        post=_stage(hidden_size=1920, intermediate_size=5120, num_hidden_layers=30, num_attention_heads=30,
-                    num_key_value_heads=30, norm_mode="layernorm", rms_norm_eps=1e-5, rope_theta=10000.0,
-                    attention_rope=True, use_qk_norm=True, **vision),
+        pre=_stage(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            norm_mode="layernorm",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            attention_rope=True,
+            **vision,
+        ),
+        base=_stage(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rope_theta=1_000_000.0,
+            **vision,
+        ),
+        post=_stage(
+            hidden_size=1920,
+            intermediate_size=5120,
+            num_hidden_layers=30,
+            num_attention_heads=30,
+            num_key_value_heads=30,
+            norm_mode="layernorm",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            attention_rope=True,
+            use_qk_norm=True,
+            **vision,
+        ),
         pad_token_id=151643,
     )
 
@@ -362,6 +480,5 @@ def preset(name: str) -> HaploOmniConfig:
 def kv_cache_bytes_per_token(config: HaploOmniConfig, bytes_per_element: int = 2) -> int:
     """K and V for every layer of every stage, for one token."""
     return sum(
-        2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * bytes_per_element
-        for s in config.stages.values()
+        2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * bytes_per_element for s in config.stages.values()
     )

@@ -7,10 +7,16 @@ import torch
 from haplo.config import HaploOmniConfig, kv_cache_bytes_per_token
 
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
-GENERATION_HEADS = ("time_embedding", "temb_token", "v2t_projector", "patch_embed_cogvideo", "norm_final",
-                    "norm_out", "proj_out")
-PRE_EXTRAS = ("model.embed_tokens", "model.patch_embed", "model.pre_pos_embed", "model.image_newline",
-              "model.pre_norm")
+GENERATION_HEADS = (
+    "time_embedding",
+    "temb_token",
+    "v2t_projector",
+    "patch_embed_cogvideo",
+    "norm_final",
+    "norm_out",
+    "proj_out",
+)
+PRE_EXTRAS = ("model.embed_tokens", "model.patch_embed", "model.pre_pos_embed", "model.image_newline", "model.pre_norm")
 
 
 def parameter_group(name: str, config: HaploOmniConfig) -> str:
@@ -32,8 +38,9 @@ def parameter_group(name: str, config: HaploOmniConfig) -> str:
     raise KeyError(name)
 
 
-def inspect_config(config: HaploOmniConfig, num_frames: int | None = None, height: int | None = None,
-                   width: int | None = None) -> dict:
+def inspect_config(
+    config: HaploOmniConfig, num_frames: int | None = None, height: int | None = None, width: int | None = None
+) -> dict:
     """Parameters per stage, weight bytes per precision, KV-cache bytes per token, latent tokens."""
     from haplo.modeling import HaploOmniForConditionalGeneration
 
@@ -50,13 +57,18 @@ def inspect_config(config: HaploOmniConfig, num_frames: int | None = None, heigh
     return {
         "parameters": {**groups, "total": total},
         "weight_bytes": {p: total * b for p, b in BYTES_PER_ELEMENT.items()},
-        "kv_cache_bytes_per_token": {p: kv_cache_bytes_per_token(config, b)
-                                     for p, b in BYTES_PER_ELEMENT.items() if p != "fp32"},
+        "kv_cache_bytes_per_token": {
+            p: kv_cache_bytes_per_token(config, b) for p, b in BYTES_PER_ELEMENT.items() if p != "fp32"
+        },
         "layers": {name: s.num_hidden_layers for name, s in config.stages.items()},
         "hidden_size": {name: s.hidden_size for name, s in config.stages.items()},
-        "video": {"frames": num_frames, "height": height, "width": width,
-                  "latent_shape": [frames, channels, lat_h, lat_w],
-                  "latent_tokens": gen.latent_tokens(num_frames, height, width)},
+        "video": {
+            "frames": num_frames,
+            "height": height,
+            "width": width,
+            "latent_shape": [frames, channels, lat_h, lat_w],
+            "latent_tokens": gen.latent_tokens(num_frames, height, width),
+        },
         "image_tokens_per_tile": config.tokens_per_tile,
     }
 
@@ -75,10 +87,14 @@ def format_report(name: str, report: dict) -> str:
     for group in ("pre", "base", "post", "connectors", "lm_head", "generation_heads", "total"):
         lines.append(f"  {group:<17} {params.get(group, 0):>15,}  ({human(params.get(group, 0))})")
     lines.append("weights: " + ", ".join(f"{p} {human(b, 'B')}" for p, b in report["weight_bytes"].items()))
-    lines.append("KV cache per token: " + ", ".join(
-        f"{p} {human(b, 'B')}" for p, b in report["kv_cache_bytes_per_token"].items()))
+    lines.append(
+        "KV cache per token: "
+        + ", ".join(f"{p} {human(b, 'B')}" for p, b in report["kv_cache_bytes_per_token"].items())
+    )
     v = report["video"]
-    lines.append(f"video {v['frames']}x{v['height']}x{v['width']}: latents {v['latent_shape']}, "
-                 f"{v['latent_tokens']:,} latent tokens")
+    lines.append(
+        f"video {v['frames']}x{v['height']}x{v['width']}: latents {v['latent_shape']}, "
+        f"{v['latent_tokens']:,} latent tokens"
+    )
     lines.append(f"image tokens per tile: {report['image_tokens_per_tile']}")
     return "\n".join(lines)

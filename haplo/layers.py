@@ -35,14 +35,24 @@ class MultimodalNorm(nn.Module):
             if self.mode == "layernorm":
                 return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-        return ops.multimodal_adaln(x, self.weight, self.bias, self.indicator.weight, self.indicator.bias,
-                                    self.SSG_L, self.SSG_C, self.eps, self.mode)
+        return ops.multimodal_adaln(
+            x,
+            self.weight,
+            self.bias,
+            self.indicator.weight,
+            self.indicator.bias,
+            self.SSG_L,
+            self.SSG_C,
+            self.eps,
+            self.mode,
+        )
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [B, L, head_dim] for integer positions [B, L] (frequencies repeated for both halves)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                             device=position_ids.device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
+    )
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, L, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()

@@ -21,6 +21,7 @@ from torch import nn
 
 from haplo import ops, vision
 from haplo.config import ConfigError, HaploOmniConfig, StageConfig, preset
+from haplo.errors import HaploError
 from haplo.layers import Connector, DecoderLayer, MultimodalNorm, rope_cos_sin
 
 WEIGHTS_NAME = "model.safetensors"
@@ -28,7 +29,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 STAGES = ("pre", "base", "post")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HaploError, ValueError):
     """A checkpoint directory that cannot be loaded into HaploOmni, with the reason and the fix."""
 
 
@@ -69,8 +70,14 @@ class LatentPatchEmbed(nn.Module):
     def position_table(self, frames: int, height: int, width: int, device, dtype) -> torch.Tensor:
         """[frames * h * w, D] for latent frames and latent height/width (before patching)."""
         p = self.patch_size
-        table = get_3d_sincos_pos_embed(self.proj.out_channels, (width // p, height // p), frames,
-                                        self.spatial_scale, self.temporal_scale, device=device)
+        table = get_3d_sincos_pos_embed(
+            self.proj.out_channels,
+            (width // p, height // p),
+            frames,
+            self.spatial_scale,
+            self.temporal_scale,
+            device=device,
+        )
         return table.flatten(0, 1).to(dtype)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -93,7 +100,8 @@ class HaploOmniModel(nn.Module):
         self.image_newline = nn.Parameter(torch.zeros(pre.hidden_size))
         self.pre_norm = nn.LayerNorm(pre.hidden_size)
         self.layers = nn.ModuleList(
-            [DecoderLayer(stage) for stage in (pre, base, post) for _ in range(stage.num_hidden_layers)])
+            [DecoderLayer(stage) for stage in (pre, base, post) for _ in range(stage.num_hidden_layers)]
+        )
         self.norm = MultimodalNorm(base.hidden_size, base.norm_mode, base.rms_norm_eps, modulated=False)
         self.pre_connector = Connector(pre.hidden_size, base.hidden_size, config.pre_connector)
         self.post_connector = Connector(base.hidden_size, post.hidden_size, config.post_connector)
@@ -105,8 +113,11 @@ class HaploOmniModel(nn.Module):
     def stage_layers(self, stage: str) -> range:
         """Indices into `self.layers` (and into the KV cache) of one stage's layers."""
         n_pre, n_base = self.config.pre.num_hidden_layers, self.config.base.num_hidden_layers
-        return {"pre": range(0, n_pre), "base": range(n_pre, n_pre + n_base),
-                "post": range(n_pre + n_base, self.config.num_layers)}[stage]
+        return {
+            "pre": range(0, n_pre),
+            "base": range(n_pre, n_pre + n_base),
+            "post": range(n_pre + n_base, self.config.num_layers),
+        }[stage]
 
     def rope(self, stage: str, position_ids: torch.Tensor):
         """A stage's RoPE: its own table, the base table (shared), or none."""
@@ -130,8 +141,7 @@ class HaploOmniModel(nn.Module):
             tiles = [1] * len(sizes)
         features = self.patch_embed(pixel_values.to(self.pre_pos_embed.dtype)) + self.pre_pos_embed
         newline = self.image_newline if stage.image_newline else None
-        return [vision.pack_image_embeds(f, s, newline, stage)
-                for f, s in zip(torch.split(features, tiles), sizes)]
+        return [vision.pack_image_embeds(f, s, newline, stage) for f, s in zip(torch.split(features, tiles), sizes)]
 
     def embed_videos(self, pixel_values_videos: torch.Tensor) -> list[torch.Tensor]:
         """[B, F, 3, S, S] -> per video [F * P + 1, pre width] (frames, then one newline)."""
@@ -176,8 +186,7 @@ class HaploOmniModel(nn.Module):
     def layer_forward(self, index: int, x, rope, key_start, past=None):
         """One decoder layer; recomputed in backward when `gradient_checkpointing` is on (training)."""
         if getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled() and past is None:
-            return torch.utils.checkpoint.checkpoint(self.layers[index], x, rope, key_start, None,
-                                                     use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self.layers[index], x, rope, key_start, None, use_reentrant=False)
         return self.layers[index](x, rope, key_start, past)
 
     def forward(self, inputs_embeds, position_ids, key_start, output_hidden_states: bool = False):
@@ -210,8 +219,9 @@ class HaploOmniForConditionalGeneration(nn.Module):
         self.patch_embed_cogvideo = LatentPatchEmbed(post_width, gen)
         self.norm_final = nn.LayerNorm(post_width, eps=1e-5)
         # CogVideoX's output AdaLN: its projection splits into (shift, scale), in that order.
-        self.norm_out = AdaLayerNorm(gen.time_embed_dim, output_dim=2 * post_width,
-                                     norm_elementwise_affine=True, norm_eps=1e-5, chunk_dim=1)
+        self.norm_out = AdaLayerNorm(
+            gen.time_embed_dim, output_dim=2 * post_width, norm_elementwise_affine=True, norm_eps=1e-5, chunk_dim=1
+        )
         self.proj_out = nn.Linear(post_width, gen.latent_patch_size**2 * gen.latent_channels)
 
     @property
@@ -287,7 +297,7 @@ class HaploOmniForConditionalGeneration(nn.Module):
         sequence = torch.cat([text, time_token, latent_tokens], dim=1)
         key_start, position_ids = generation_positions(attention_mask, latent_tokens.shape[1])
         hidden, _ = self.model(sequence, position_ids, key_start)
-        return self.latent_head(hidden[:, -latent_tokens.shape[1]:], temb, latents.shape)
+        return self.latent_head(hidden[:, -latent_tokens.shape[1] :], temb, latents.shape)
 
     # -- weights ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -331,8 +341,9 @@ class HaploOmniForConditionalGeneration(nn.Module):
         """Load a checkpoint (config.json + model.safetensors[.index.json]) by parameter name."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise CheckpointError(f"{directory}: not a directory; pass a checkpoint directory "
-                                  "holding config.json and model.safetensors")
+            raise CheckpointError(
+                f"{directory}: not a directory; pass a checkpoint directory holding config.json and model.safetensors"
+            )
         try:
             config = HaploOmniConfig.from_pretrained(directory)
         except ConfigError as err:
@@ -351,17 +362,23 @@ class HaploOmniForConditionalGeneration(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.config.torch_dtype = str(self.dtype).removeprefix("torch.")
         tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            str(tmp),
+            metadata={"format": "pt"},
+        )
         tmp.replace(directory / WEIGHTS_NAME)
         self.config.save_pretrained(directory)
 
 
-def scatter_visual_features(config: HaploOmniConfig, input_ids: torch.Tensor, embeds: torch.Tensor,
-                            images: list | None, videos: list | None) -> torch.Tensor:
+def scatter_visual_features(
+    config: HaploOmniConfig, input_ids: torch.Tensor, embeds: torch.Tensor, images: list | None, videos: list | None
+) -> torch.Tensor:
     """Place per-image / per-video features [tokens, D], in order, at the placeholder ids of `input_ids`."""
-    for token_id, features, kind in ((config.image_token_index, images, "image"),
-                                     (config.video_token_index, videos, "video")):
+    for token_id, features, kind in (
+        (config.image_token_index, images, "image"),
+        (config.video_token_index, videos, "video"),
+    ):
         slots = input_ids == token_id
         count = int(slots.sum())
         if features is None:
@@ -370,14 +387,20 @@ def scatter_visual_features(config: HaploOmniConfig, input_ids: torch.Tensor, em
             continue
         features = torch.cat(list(features))
         if features.shape[0] != count:
-            raise ValueError(f"{kind} features give {features.shape[0]} tokens but input_ids hold {count} "
-                             f"{kind} placeholders; build inputs with HaploOmniProcessor")
+            raise ValueError(
+                f"{kind} features give {features.shape[0]} tokens but input_ids hold {count} "
+                f"{kind} placeholders; build inputs with HaploOmniProcessor"
+            )
         embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
     return embeds
 
 
-def understanding_key_start(config: HaploOmniConfig, attention_mask: torch.Tensor,
-                            attention_start_ids: torch.Tensor | None, past_length: int = 0) -> torch.Tensor:
+def understanding_key_start(
+    config: HaploOmniConfig,
+    attention_mask: torch.Tensor,
+    attention_start_ids: torch.Tensor | None,
+    past_length: int = 0,
+) -> torch.Tensor:
     """Block starts of new tokens (absolute slots), padding masked out. Without start ids, or with the
     official quirk on a batch without padding, attention is plain causal."""
     if attention_start_ids is None or (config.official_mask_quirk and bool(attention_mask.all())):
@@ -429,10 +452,12 @@ def load_checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
                 state.update(load_file(str(directory / shard)))
             return state
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as err:
-        raise CheckpointError(f"{directory}: weights cannot be read ({err}); the file is corrupt or "
-                              "incomplete, copy the checkpoint again") from None
-    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}; "
-                          f"this is not a HaploOmni checkpoint directory")
+        raise CheckpointError(
+            f"{directory}: weights cannot be read ({err}); the file is corrupt or incomplete, copy the checkpoint again"
+        ) from None
+    raise CheckpointError(
+        f"{directory}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}; this is not a HaploOmni checkpoint directory"
+    )
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
@@ -440,8 +465,11 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], directory
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        (k, tuple(state[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
@@ -451,5 +479,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], directory
         k, got, want = shapes[0]
         problems.append(f"{len(shapes)} with wrong shape (e.g. {k}: checkpoint {got}, config {want})")
     if problems:
-        raise CheckpointError(f"{directory}: config.json does not match the weights: {'; '.join(problems)}. "
-                              f"Use the config.json saved with these weights")
+        raise CheckpointError(
+            f"{directory}: config.json does not match the weights: {'; '.join(problems)}. "
+            f"Use the config.json saved with these weights"
+        )

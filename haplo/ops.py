@@ -59,7 +59,7 @@ def block_mask(key_start: torch.Tensor, query_len: int) -> torch.Tensor:
     """Dense boolean mask [B, 1, Lq, Lk] of the block-start predicate (reference and tests only)."""
     key_len = key_start.shape[-1]
     query_pos = torch.arange(key_len - query_len, key_len, device=key_start.device)
-    return (key_start[:, None, None, :] <= query_pos[None, None, :, None])
+    return key_start[:, None, None, :] <= query_pos[None, None, :, None]
 
 
 def hybrid_attention(

@@ -13,9 +13,16 @@ from haplo.config import VideoGenerationConfig
 def make_scheduler(gen: VideoGenerationConfig) -> CogVideoXDDIMScheduler:
     """CogVideoX-2B's DDIM: v-prediction, zero-terminal-SNR rescale, SNR shift, trailing spacing."""
     return CogVideoXDDIMScheduler(
-        num_train_timesteps=gen.num_train_timesteps, beta_start=gen.beta_start, beta_end=gen.beta_end,
-        beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=True, steps_offset=0,
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=gen.snr_shift_scale,
+        num_train_timesteps=gen.num_train_timesteps,
+        beta_start=gen.beta_start,
+        beta_end=gen.beta_end,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=gen.snr_shift_scale,
         timestep_spacing="trailing",
     )
 
@@ -35,6 +42,17 @@ class TextToVideoPipeline:
     def __init__(self, backend, processor=None, scheduler: CogVideoXDDIMScheduler | None = None):
         self.backend, self.processor = backend, processor
         self.scheduler = scheduler or make_scheduler(backend.config.video_generation)
+
+    def latent_shape(
+        self, num_frames: int | None = None, height: int | None = None, width: int | None = None
+    ) -> tuple[int, int, int, int]:
+        """Latents of a video size (the config's default where None); refuses sizes the VAE cannot decode."""
+        gen = self.backend.config.video_generation
+        return gen.latent_shape(
+            gen.num_frames if num_frames is None else num_frames,
+            gen.height if height is None else height,
+            gen.width if width is None else width,
+        )
 
     @torch.no_grad()
     def __call__(
@@ -56,12 +74,22 @@ class TextToVideoPipeline:
         gen = self.backend.config.video_generation
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = self.processor.process_prompt_for_generation(prompts, negative_prompt)
-        shape = gen.latent_shape(num_frames or gen.num_frames, height or gen.height, width or gen.width)
+        shape = self.latent_shape(num_frames, height, width)
+        if output_type != "latent":
+            self.backend.check_vae_size(shape)  # before the loop, not after it
         latents = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(seed))
-        latents = denoise(self.backend, batch["input_ids"], batch["attention_mask"], latents,
-                          num_inference_steps or gen.num_inference_steps,
-                          gen.guidance_scale if guidance_scale is None else guidance_scale,
-                          self.scheduler, reuse_prefix, progress)
+        steps = gen.num_inference_steps if num_inference_steps is None else num_inference_steps
+        latents = denoise(
+            self.backend,
+            batch["input_ids"],
+            batch["attention_mask"],
+            latents,
+            steps,
+            gen.guidance_scale if guidance_scale is None else guidance_scale,
+            self.scheduler,
+            reuse_prefix,
+            progress,
+        )
         if output_type == "latent":
             return VideoOutput(latents)
         return VideoOutput(latents, self.backend.vae_decode(latents))

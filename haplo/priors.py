@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haplo.config import HaploOmniConfig
+from haplo.errors import HaploError
 
 if TYPE_CHECKING:
     from diffusers import CogVideoXTransformer3DModel
@@ -93,7 +94,7 @@ _EXACT_FF = ("swiglu", "geglu-approximate")
 _APPROX_FF = ("gelu-approximate", "gelu")
 
 
-class PriorError(ValueError):
+class PriorError(HaploError, ValueError):
     """A prior whose shapes or settings cannot initialise this HaploOmni configuration."""
 
 
@@ -142,14 +143,16 @@ class _Writer:
     def put(self, target: str, value: torch.Tensor, source: str) -> None:
         param = self.model.get_parameter(target)
         if param.shape != value.shape:
-            raise PriorError(f"{target} has shape {tuple(param.shape)} but its source ({source}) has "
-                             f"{tuple(value.shape)}")
+            raise PriorError(
+                f"{target} has shape {tuple(param.shape)} but its source ({source}) has {tuple(value.shape)}"
+            )
         with torch.no_grad():
             param.copy_(value.to(param.device, param.dtype))
         self.report.sources[target] = source
 
-    def take(self, target: str, key: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             how: str = "") -> None:
+    def take(
+        self, target: str, key: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None, how: str = ""
+    ) -> None:
         """target <- fn(prior[key]); a missing key (a layer built without bias or affine) gives the identity
         value: 1 for a norm weight, else 0."""
         if key not in self.prior:
@@ -197,32 +200,43 @@ def _stage_layers(model: nn.Module, stage: str) -> range:
 
 # -- CLIP-ViT -> pre-decoder ------------------------------------------------------------------------
 
+
 def init_pre_decoder_from_clip(model: nn.Module, clip: nn.Module, report: PriorReport | None = None) -> PriorReport:
     """Pre layers, patch embedding, patch positions and pre_norm from a CLIPVisionModel (see the module doc)."""
     report = PriorReport() if report is None else report
     vision = getattr(clip, "vision_model", clip)  # transformers < 5 nests the tower
     cfg, pre = vision.config, model.config.pre
     if cfg.hidden_act != "quick_gelu":
-        raise PriorError(f"CLIP hidden_act {cfg.hidden_act!r}: only quick_gelu has an exact gated-MLP form "
-                         "(silu(1.702 z) / 1.702); convert a quick_gelu CLIP such as ViT-L/14-336")
-    _require_equal("CLIP", "pre-decoder", {
-        "hidden_size": (cfg.hidden_size, pre.hidden_size),
-        "intermediate_size": (cfg.intermediate_size, pre.intermediate_size),
-        "num_hidden_layers": (cfg.num_hidden_layers, pre.num_hidden_layers),
-        "num_attention_heads": (cfg.num_attention_heads, pre.num_attention_heads),
-        "num_key_value_heads": (cfg.num_attention_heads, pre.num_key_value_heads),
-        "patch_size": (cfg.patch_size, pre.patch_size),
-        "patches per tile": ((cfg.image_size // cfg.patch_size) ** 2, model.config.tokens_per_tile),
-        "num_channels": (cfg.num_channels, 3),
-        "norm_mode": ("layernorm", pre.norm_mode),
-        "layer norm eps": (cfg.layer_norm_eps, pre.rms_norm_eps),
-        "pre_norm eps": (cfg.layer_norm_eps, model.model.pre_norm.eps),
-        "q/k norms": (False, pre.use_qk_norm),
-    })
+        raise PriorError(
+            f"CLIP hidden_act {cfg.hidden_act!r}: only quick_gelu has an exact gated-MLP form "
+            "(silu(1.702 z) / 1.702); convert a quick_gelu CLIP such as ViT-L/14-336"
+        )
+    _require_equal(
+        "CLIP",
+        "pre-decoder",
+        {
+            "hidden_size": (cfg.hidden_size, pre.hidden_size),
+            "intermediate_size": (cfg.intermediate_size, pre.intermediate_size),
+            "num_hidden_layers": (cfg.num_hidden_layers, pre.num_hidden_layers),
+            "num_attention_heads": (cfg.num_attention_heads, pre.num_attention_heads),
+            "num_key_value_heads": (cfg.num_attention_heads, pre.num_key_value_heads),
+            "patch_size": (cfg.patch_size, pre.patch_size),
+            "patches per tile": ((cfg.image_size // cfg.patch_size) ** 2, model.config.tokens_per_tile),
+            "num_channels": (cfg.num_channels, 3),
+            "norm_mode": ("layernorm", pre.norm_mode),
+            "layer norm eps": (cfg.layer_norm_eps, pre.rms_norm_eps),
+            "pre_norm eps": (cfg.layer_norm_eps, model.model.pre_norm.eps),
+            "q/k norms": (False, pre.use_qk_norm),
+        },
+    )
     w = _Writer(model, report, _Prior("clip", vision))
     w.take("model.patch_embed.proj.weight", "embeddings.patch_embedding.weight")
-    w.take("model.pre_pos_embed", "embeddings.position_embedding.weight", lambda t: t[1:][None],
-           " rows 1: (class position dropped)")
+    w.take(
+        "model.pre_pos_embed",
+        "embeddings.position_embedding.weight",
+        lambda t: t[1:][None],
+        " rows 1: (class position dropped)",
+    )
     w.linear("model.pre_norm", "pre_layrnorm")
     for n, index in enumerate(_stage_layers(model, "pre")):
         src, dst = f"encoder.layers.{n}", f"model.layers.{index}"
@@ -232,12 +246,15 @@ def init_pre_decoder_from_clip(model: nn.Module, clip: nn.Module, report: PriorR
         for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("o_proj", "out_proj")):
             w.linear(f"{dst}.self_attn.{ours}", f"{src}.self_attn.{theirs}")
         w.quick_gelu_mlp(f"{dst}.mlp", f"{src}.mlp.fc1", f"{src}.mlp.fc2")
-    report.notes.append("clip: class token dropped (class_embedding and position row 0 unused); post_layernorm "
-                        "acts on the pooled class token only; converted layers equal CLIP's with RoPE off")
+    report.notes.append(
+        "clip: class token dropped (class_embedding and position row 0 unused); post_layernorm "
+        "acts on the pooled class token only; converted layers equal CLIP's with RoPE off"
+    )
     return w.finish()
 
 
 # -- Qwen2 -> base-decoder ---------------------------------------------------------------------------
+
 
 def _qwen_rope(cfg) -> tuple[float | None, str]:
     """(theta, rope type) across transformers versions (`rope_parameters` in 5.x, `rope_theta` before)."""
@@ -254,23 +271,27 @@ def init_base_decoder_from_qwen2(model: nn.Module, qwen: nn.Module, report: Prio
     cfg, base = qwen.config, model.config.base
     theta, rope_type = _qwen_rope(cfg)
     sliding = any(t == "sliding_attention" for t in (getattr(cfg, "layer_types", None) or []))
-    _require_equal("Qwen2", "base-decoder", {
-        "hidden_size": (cfg.hidden_size, base.hidden_size),
-        "intermediate_size": (cfg.intermediate_size, base.intermediate_size),
-        "num_hidden_layers": (cfg.num_hidden_layers, base.num_hidden_layers),
-        "num_attention_heads": (cfg.num_attention_heads, base.num_attention_heads),
-        "num_key_value_heads": (cfg.num_key_value_heads, base.num_key_value_heads),
-        "head_dim": (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, base.head_dim),
-        "vocab_size": (cfg.vocab_size, base.vocab_size),
-        "rope_theta": (None if theta is None else float(theta), float(base.rope_theta)),
-        "rope type": (rope_type, "default"),
-        "RoPE on": (True, base.use_pe),
-        "rms_norm_eps": (cfg.rms_norm_eps, base.rms_norm_eps),
-        "hidden_act": (cfg.hidden_act, "silu"),
-        "norm_mode": ("rmsnorm", base.norm_mode),
-        "q/k norms": (False, base.use_qk_norm),
-        "sliding-window layers": (sliding, False),
-    })
+    _require_equal(
+        "Qwen2",
+        "base-decoder",
+        {
+            "hidden_size": (cfg.hidden_size, base.hidden_size),
+            "intermediate_size": (cfg.intermediate_size, base.intermediate_size),
+            "num_hidden_layers": (cfg.num_hidden_layers, base.num_hidden_layers),
+            "num_attention_heads": (cfg.num_attention_heads, base.num_attention_heads),
+            "num_key_value_heads": (cfg.num_key_value_heads, base.num_key_value_heads),
+            "head_dim": (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, base.head_dim),
+            "vocab_size": (cfg.vocab_size, base.vocab_size),
+            "rope_theta": (None if theta is None else float(theta), float(base.rope_theta)),
+            "rope type": (rope_type, "default"),
+            "RoPE on": (True, base.use_pe),
+            "rms_norm_eps": (cfg.rms_norm_eps, base.rms_norm_eps),
+            "hidden_act": (cfg.hidden_act, "silu"),
+            "norm_mode": ("rmsnorm", base.norm_mode),
+            "q/k norms": (False, base.use_qk_norm),
+            "sliding-window layers": (sliding, False),
+        },
+    )
     w = _Writer(model, report, _Prior("qwen2", qwen))
     for n, index in enumerate(_stage_layers(model, "base")):
         src, dst = f"model.layers.{n}", f"model.layers.{index}"
@@ -286,12 +307,15 @@ def init_base_decoder_from_qwen2(model: nn.Module, qwen: nn.Module, report: Prio
     if model.config.pre.hidden_size == cfg.hidden_size:
         w.take("model.embed_tokens.weight", "model.embed_tokens.weight")
     else:
-        report.notes.append(f"qwen2: embed_tokens not copied: HaploOmni embeds text at the pre width "
-                            f"{model.config.pre.hidden_size}, Qwen2 at {cfg.hidden_size}")
+        report.notes.append(
+            f"qwen2: embed_tokens not copied: HaploOmni embeds text at the pre width "
+            f"{model.config.pre.hidden_size}, Qwen2 at {cfg.hidden_size}"
+        )
     return w.finish()
 
 
 # -- CogVideoX -> post-decoder and generation heads ----------------------------------------------------
+
 
 @torch.no_grad()
 def cogvideox_time_embedding(cog: nn.Module, timestep: float) -> torch.Tensor:
@@ -317,49 +341,63 @@ def cogvideox_state_sets(cog: nn.Module, timestep: float) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def init_post_decoder_from_cogvideox(model: nn.Module, cog: nn.Module, timestep: float = 500.0,
-                                     routing: str = "neutral", report: PriorReport | None = None) -> PriorReport:
+def init_post_decoder_from_cogvideox(
+    model: nn.Module,
+    cog: nn.Module,
+    timestep: float = 500.0,
+    routing: str = "neutral",
+    report: PriorReport | None = None,
+) -> PriorReport:
     """Post layers (state sets frozen at `timestep`) and the generation heads from a CogVideoXTransformer3DModel."""
     report = PriorReport() if report is None else report
     if routing not in ROUTINGS:
         raise PriorError(f"routing {routing!r}: choose one of {', '.join(ROUTINGS)}")
     cfg, post, gen = cog.config, model.config.post, model.config.video_generation
-    unsupported = {"patch_size_t (CogVideoX 1.5)": cfg.patch_size_t,
-                   "use_rotary_positional_embeddings (CogVideoX-5B)": cfg.use_rotary_positional_embeddings,
-                   "use_learned_positional_embeddings": cfg.use_learned_positional_embeddings,
-                   "ofs_embed_dim": cfg.ofs_embed_dim}
+    unsupported = {
+        "patch_size_t (CogVideoX 1.5)": cfg.patch_size_t,
+        "use_rotary_positional_embeddings (CogVideoX-5B)": cfg.use_rotary_positional_embeddings,
+        "use_learned_positional_embeddings": cfg.use_learned_positional_embeddings,
+        "ofs_embed_dim": cfg.ofs_embed_dim,
+    }
     for name, value in unsupported.items():
         if value:
-            raise PriorError(f"CogVideoX {name}={value!r} is not supported: HaploOmni's post-decoder follows "
-                             "CogVideoX-2B (2-D patches, 3-D sin-cos positions, no RoPE)")
+            raise PriorError(
+                f"CogVideoX {name}={value!r} is not supported: HaploOmni's post-decoder follows "
+                "CogVideoX-2B (2-D patches, 3-D sin-cos positions, no RoPE)"
+            )
     if cfg.activation_fn not in _EXACT_FF + _APPROX_FF:
-        raise PriorError(f"CogVideoX activation_fn {cfg.activation_fn!r}: supported are "
-                         f"{', '.join(_EXACT_FF + _APPROX_FF)}")
+        raise PriorError(
+            f"CogVideoX activation_fn {cfg.activation_fn!r}: supported are {', '.join(_EXACT_FF + _APPROX_FF)}"
+        )
     blocks = cog.transformer_blocks
     ff_width = blocks[0].ff.net[2].in_features if len(blocks) else post.intermediate_size
-    _require_equal("CogVideoX", "post-decoder", {
-        "width": (cfg.num_attention_heads * cfg.attention_head_dim, post.hidden_size),
-        "num_layers": (cfg.num_layers, post.num_hidden_layers),
-        "num_attention_heads": (cfg.num_attention_heads, post.num_attention_heads),
-        "num_key_value_heads": (cfg.num_attention_heads, post.num_key_value_heads),
-        "feed-forward width": (ff_width, post.intermediate_size),
-        "norm_mode": ("layernorm", post.norm_mode),
-        "norm_eps": (cfg.norm_eps, post.rms_norm_eps),
-        "q/k norms": (True, post.use_qk_norm),
-        "time_embed_dim": (cfg.time_embed_dim, gen.time_embed_dim),
-        "in_channels": (cfg.in_channels, gen.latent_channels),
-        "out_channels": (cfg.out_channels or cfg.in_channels, gen.latent_channels),
-        "patch_size": (cfg.patch_size, gen.latent_patch_size),
-        "text_embed_dim": (cfg.text_embed_dim, gen.text_embed_dim),
-        "spatial_interpolation_scale": (cfg.spatial_interpolation_scale, gen.spatial_interpolation_scale),
-        "temporal_interpolation_scale": (cfg.temporal_interpolation_scale, gen.temporal_interpolation_scale),
-        "temporal_compression_ratio": (cfg.temporal_compression_ratio, gen.vae_temporal_compression),
-        "flip_sin_to_cos": (cfg.flip_sin_to_cos, model.time_proj.flip_sin_to_cos),
-        "freq_shift": (cfg.freq_shift, model.time_proj.downscale_freq_shift),
-        "timestep_activation_fn": (cfg.timestep_activation_fn, "silu"),
-        "norm_final eps": (cfg.norm_eps, model.norm_final.eps),
-        "norm_out eps": (cfg.norm_eps, model.norm_out.norm.eps),
-    })
+    _require_equal(
+        "CogVideoX",
+        "post-decoder",
+        {
+            "width": (cfg.num_attention_heads * cfg.attention_head_dim, post.hidden_size),
+            "num_layers": (cfg.num_layers, post.num_hidden_layers),
+            "num_attention_heads": (cfg.num_attention_heads, post.num_attention_heads),
+            "num_key_value_heads": (cfg.num_attention_heads, post.num_key_value_heads),
+            "feed-forward width": (ff_width, post.intermediate_size),
+            "norm_mode": ("layernorm", post.norm_mode),
+            "norm_eps": (cfg.norm_eps, post.rms_norm_eps),
+            "q/k norms": (True, post.use_qk_norm),
+            "time_embed_dim": (cfg.time_embed_dim, gen.time_embed_dim),
+            "in_channels": (cfg.in_channels, gen.latent_channels),
+            "out_channels": (cfg.out_channels or cfg.in_channels, gen.latent_channels),
+            "patch_size": (cfg.patch_size, gen.latent_patch_size),
+            "text_embed_dim": (cfg.text_embed_dim, gen.text_embed_dim),
+            "spatial_interpolation_scale": (cfg.spatial_interpolation_scale, gen.spatial_interpolation_scale),
+            "temporal_interpolation_scale": (cfg.temporal_interpolation_scale, gen.temporal_interpolation_scale),
+            "temporal_compression_ratio": (cfg.temporal_compression_ratio, gen.vae_temporal_compression),
+            "flip_sin_to_cos": (cfg.flip_sin_to_cos, model.time_proj.flip_sin_to_cos),
+            "freq_shift": (cfg.freq_shift, model.time_proj.downscale_freq_shift),
+            "timestep_activation_fn": (cfg.timestep_activation_fn, "silu"),
+            "norm_final eps": (cfg.norm_eps, model.norm_final.eps),
+            "norm_out eps": (cfg.norm_eps, model.norm_out.norm.eps),
+        },
+    )
     w = _Writer(model, report, _Prior("cogvideox", cog))
     states = cogvideox_state_sets(cog, timestep)
     at = f" at t={timestep:g}"
@@ -377,23 +415,37 @@ def init_post_decoder_from_cogvideox(model: nn.Module, cog: nn.Module, timestep:
             indicator = model.get_parameter(f"{dst}.{ours}.indicator.weight")
             w.put(f"{dst}.{ours}.indicator.weight", torch.zeros_like(indicator), how)
             w.put(f"{dst}.{ours}.indicator.bias", switch_bias, how)
-        for ours, theirs in (("q_proj", "to_q"), ("k_proj", "to_k"), ("v_proj", "to_v"), ("o_proj", "to_out.0"),
-                             ("norm_q", "norm_q"), ("norm_k", "norm_k")):
+        for ours, theirs in (
+            ("q_proj", "to_q"),
+            ("k_proj", "to_k"),
+            ("v_proj", "to_v"),
+            ("o_proj", "to_out.0"),
+            ("norm_q", "norm_q"),
+            ("norm_k", "norm_k"),
+        ):
             w.linear(f"{dst}.self_attn.{ours}", f"{src}.attn1.{theirs}")
         _feed_forward(w, f"{dst}.mlp", f"{src}.ff", cfg.activation_fn)
-    for ours, theirs in (("time_embedding.linear_1", "time_embedding.linear_1"),
-                         ("time_embedding.linear_2", "time_embedding.linear_2"),
-                         ("patch_embed_cogvideo.proj", "patch_embed.proj"),
-                         ("patch_embed_cogvideo.text_proj", "patch_embed.text_proj"),
-                         ("norm_final", "norm_final"), ("norm_out.linear", "norm_out.linear"),
-                         ("norm_out.norm", "norm_out.norm"), ("proj_out", "proj_out")):
+    for ours, theirs in (
+        ("time_embedding.linear_1", "time_embedding.linear_1"),
+        ("time_embedding.linear_2", "time_embedding.linear_2"),
+        ("patch_embed_cogvideo.proj", "patch_embed.proj"),
+        ("patch_embed_cogvideo.text_proj", "patch_embed.text_proj"),
+        ("norm_final", "norm_final"),
+        ("norm_out.linear", "norm_out.linear"),
+        ("norm_out.norm", "norm_out.norm"),
+        ("proj_out", "proj_out"),
+    ):
         w.linear(ours, theirs)
     report.notes.append(f"cogvideox: state sets frozen{at}; {how}")
-    report.notes.append("cogvideox: q/k LayerNorm eps 1e-6 in CogVideoX, 1e-5 in HaploOmni; converted layers "
-                        "equal CogVideoX's with RoPE off")
+    report.notes.append(
+        "cogvideox: q/k LayerNorm eps 1e-6 in CogVideoX, 1e-5 in HaploOmni; converted layers "
+        "equal CogVideoX's with RoPE off"
+    )
     if cfg.activation_fn in _APPROX_FF:
-        report.notes.append(f"cogvideox: feed-forward {cfg.activation_fn} realised as quick_gelu, "
-                            f"|activation error| <= {GELU_TANH_MAX_ERROR}")
+        report.notes.append(
+            f"cogvideox: feed-forward {cfg.activation_fn} realised as quick_gelu, "
+            f"|activation error| <= {GELU_TANH_MAX_ERROR}"
+        )
     report.notes.append("cogvideox: temb_token and v2t_projector have no prior")
     return w.finish()
 
@@ -410,8 +462,15 @@ def _feed_forward(w: _Writer, dst: str, src: str, activation: str) -> None:
 
 # -- all three, and seeded random priors for tests and demos -------------------------------------------
 
-def init_from_priors(model: nn.Module, clip: nn.Module | None = None, qwen: nn.Module | None = None,
-                     cog: nn.Module | None = None, timestep: float = 500.0, routing: str = "neutral") -> PriorReport:
+
+def init_from_priors(
+    model: nn.Module,
+    clip: nn.Module | None = None,
+    qwen: nn.Module | None = None,
+    cog: nn.Module | None = None,
+    timestep: float = 500.0,
+    routing: str = "neutral",
+) -> PriorReport:
     """Whichever priors are given, into one report."""
     report = PriorReport()
     if clip is not None:
@@ -428,10 +487,16 @@ def clip_config_for(config: HaploOmniConfig) -> CLIPVisionConfig:
     from transformers import CLIPVisionConfig
 
     pre = config.pre
-    return CLIPVisionConfig(hidden_size=pre.hidden_size, intermediate_size=pre.intermediate_size,
-                            num_hidden_layers=pre.num_hidden_layers, num_attention_heads=pre.num_attention_heads,
-                            image_size=config.base.default_image_size, patch_size=pre.patch_size,
-                            hidden_act="quick_gelu", layer_norm_eps=pre.rms_norm_eps)
+    return CLIPVisionConfig(
+        hidden_size=pre.hidden_size,
+        intermediate_size=pre.intermediate_size,
+        num_hidden_layers=pre.num_hidden_layers,
+        num_attention_heads=pre.num_attention_heads,
+        image_size=config.base.default_image_size,
+        patch_size=pre.patch_size,
+        hidden_act="quick_gelu",
+        layer_norm_eps=pre.rms_norm_eps,
+    )
 
 
 def qwen2_config_for(config: HaploOmniConfig) -> Qwen2Config:
@@ -439,24 +504,41 @@ def qwen2_config_for(config: HaploOmniConfig) -> Qwen2Config:
     from transformers import Qwen2Config
 
     base = config.base
-    return Qwen2Config(hidden_size=base.hidden_size, intermediate_size=base.intermediate_size,
-                       num_hidden_layers=base.num_hidden_layers, num_attention_heads=base.num_attention_heads,
-                       num_key_value_heads=base.num_key_value_heads, vocab_size=base.vocab_size,
-                       rope_theta=base.rope_theta, rms_norm_eps=base.rms_norm_eps, tie_word_embeddings=False)
+    return Qwen2Config(
+        hidden_size=base.hidden_size,
+        intermediate_size=base.intermediate_size,
+        num_hidden_layers=base.num_hidden_layers,
+        num_attention_heads=base.num_attention_heads,
+        num_key_value_heads=base.num_key_value_heads,
+        vocab_size=base.vocab_size,
+        rope_theta=base.rope_theta,
+        rms_norm_eps=base.rms_norm_eps,
+        tie_word_embeddings=False,
+    )
 
 
 def cogvideox_kwargs_for(config: HaploOmniConfig, activation_fn: str = "gelu-approximate") -> dict:
     """CogVideoXTransformer3DModel arguments shaped like `config.post` and `config.video_generation`."""
     post, gen = config.post, config.video_generation
-    return dict(num_attention_heads=post.num_attention_heads, attention_head_dim=post.head_dim,
-                in_channels=gen.latent_channels, out_channels=gen.latent_channels, time_embed_dim=gen.time_embed_dim,
-                text_embed_dim=gen.text_embed_dim, num_layers=post.num_hidden_layers, patch_size=gen.latent_patch_size,
-                sample_height=gen.height // gen.vae_spatial_compression,
-                sample_width=gen.width // gen.vae_spatial_compression, sample_frames=gen.num_frames,
-                temporal_compression_ratio=gen.vae_temporal_compression, max_text_seq_length=16,
-                activation_fn=activation_fn, norm_eps=post.rms_norm_eps,
-                spatial_interpolation_scale=gen.spatial_interpolation_scale,
-                temporal_interpolation_scale=gen.temporal_interpolation_scale)
+    return dict(
+        num_attention_heads=post.num_attention_heads,
+        attention_head_dim=post.head_dim,
+        in_channels=gen.latent_channels,
+        out_channels=gen.latent_channels,
+        time_embed_dim=gen.time_embed_dim,
+        text_embed_dim=gen.text_embed_dim,
+        num_layers=post.num_hidden_layers,
+        patch_size=gen.latent_patch_size,
+        sample_height=gen.height // gen.vae_spatial_compression,
+        sample_width=gen.width // gen.vae_spatial_compression,
+        sample_frames=gen.num_frames,
+        temporal_compression_ratio=gen.vae_temporal_compression,
+        max_text_seq_length=16,
+        activation_fn=activation_fn,
+        norm_eps=post.rms_norm_eps,
+        spatial_interpolation_scale=gen.spatial_interpolation_scale,
+        temporal_interpolation_scale=gen.temporal_interpolation_scale,
+    )
 
 
 def random_priors(

@@ -21,13 +21,14 @@ from transformers.image_processing_utils import select_best_resolution
 
 from haplo import vision
 from haplo.config import HaploOmniConfig
+from haplo.errors import HaploError
 from haplo.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
-class ProcessorError(ValueError):
+class ProcessorError(HaploError, ValueError):
     pass
 
 
@@ -57,8 +58,9 @@ class HaploOmniProcessor:
     def __init__(self, tokenizer, config: HaploOmniConfig):
         self.tokenizer, self.config, self.stage = tokenizer, config, config.base
         self.tile = config.base.default_image_size
-        self.stop_token_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-                                     - {None, tokenizer.unk_token_id})
+        self.stop_token_ids = sorted(
+            {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+        )
 
     # -- pixels -----------------------------------------------------------------------------------
     def image_tiles(self, image) -> tuple[np.ndarray, tuple[int, int]]:
@@ -75,7 +77,7 @@ class HaploOmniProcessor:
         new_h = min(math.ceil(image.height * scale), target_h)
         canvas = np.zeros((target_h, target_w, 3), dtype=np.uint8)
         top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
-        canvas[top:top + new_h, left:left + new_w] = np.asarray(image.resize((new_w, new_h), Image.BICUBIC))
+        canvas[top : top + new_h, left : left + new_w] = np.asarray(image.resize((new_w, new_h), Image.BICUBIC))
         s = self.tile
         tiles = canvas.reshape(target_h // s, s, target_w // s, s, 3).swapaxes(1, 2).reshape(-1, s, s, 3)
         return normalize(tiles), size
@@ -98,8 +100,10 @@ class HaploOmniProcessor:
     ) -> dict[str, torch.Tensor]:
         """`text` (with `<image>` / `<video>` placeholders) or `conversations` (chat messages)."""
         if conversations is not None:
-            texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
-                     for c in conversations]
+            texts = [
+                self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
+                for c in conversations
+            ]
         elif text is not None:
             texts = [text] if isinstance(text, str) else list(text)
         else:
@@ -160,7 +164,7 @@ class HaploOmniProcessor:
             positions = visual[row].nonzero().flatten().tolist()
             cursor = 0
             for length in (n for placeholder in row_blocks for n in placeholder):
-                block = positions[cursor:cursor + length]
+                block = positions[cursor : cursor + length]
                 starts[row, block] = block[0]
                 cursor += length
         return starts
@@ -169,8 +173,12 @@ class HaploOmniProcessor:
         """The CFG batch for text-to-video: [negative prompt x P, prompts...], left padded.
 
         An empty negative prompt is a row of padding: its timestep token then attends only itself."""
-        encoded = self.tokenizer([negative_prompt] * len(prompts) + list(prompts), padding=True,
-                                 return_tensors="pt", add_special_tokens=False)
+        encoded = self.tokenizer(
+            [negative_prompt] * len(prompts) + list(prompts),
+            padding=True,
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def decode(self, ids, **kwargs) -> str:
@@ -192,5 +200,5 @@ def _split_placeholders(text: str) -> list[str]:
         if index:
             parts.append(rest[:index])
         parts.append(token)
-        rest = rest[index + len(token):]
+        rest = rest[index + len(token) :]
     return parts

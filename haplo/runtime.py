@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from haplo.backend import STAGES, Backend
+from haplo.errors import RequestError
 from haplo.generation import GenerateOutput, SamplingParams, next_token
 from haplo.modeling import (
     denoise_positions,
@@ -35,25 +36,37 @@ class DecodeState:
         return 0 if self.key_start is None else self.key_start.shape[-1]
 
 
-def run_stack(backend: Backend, hidden: torch.Tensor, position_ids: torch.Tensor, key_start: torch.Tensor,
-              past: dict | None = None) -> tuple[torch.Tensor, dict]:
+def run_stack(
+    backend: Backend,
+    hidden: torch.Tensor,
+    position_ids: torch.Tensor,
+    key_start: torch.Tensor,
+    past: dict | None = None,
+) -> tuple[torch.Tensor, dict]:
     """pre -> base -> post. Returns (last_decoder_hidden_state, stage -> present cache)."""
     presents = {}
     for stage in STAGES:
-        hidden, presents[stage] = backend.run_stage(stage, hidden, position_ids, key_start,
-                                                    None if past is None else past[stage])
+        hidden, presents[stage] = backend.run_stage(
+            stage, hidden, position_ids, key_start, None if past is None else past[stage]
+        )
     return hidden, presents
 
 
-def embed_understanding(backend: Backend, input_ids, pixel_values=None, image_sizes=None,
-                        pixel_values_videos=None) -> torch.Tensor:
+def embed_understanding(
+    backend: Backend, input_ids, pixel_values=None, image_sizes=None, pixel_values_videos=None
+) -> torch.Tensor:
     images = None if pixel_values is None else backend.embed_images(pixel_values, image_sizes)
     videos = None if pixel_values_videos is None else backend.embed_videos(pixel_values_videos)
     return scatter_visual_features(backend.config, input_ids, backend.embed_text(input_ids), images, videos)
 
 
-def forward_tokens(backend: Backend, embeds: torch.Tensor, attention_mask: torch.Tensor,
-                   attention_start_ids: torch.Tensor | None, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
+def forward_tokens(
+    backend: Backend,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    attention_start_ids: torch.Tensor | None,
+    state: DecodeState,
+) -> tuple[torch.Tensor, DecodeState]:
     """Run new tokens (prompt or one decode step) through the stack: last-position logits [B, vocab]."""
     key_start = understanding_key_start(backend.config, attention_mask, attention_start_ids, state.length)
     position_ids = understanding_positions(attention_mask, state.next_position)
@@ -62,6 +75,17 @@ def forward_tokens(backend: Backend, embeds: torch.Tensor, attention_mask: torch
     hidden, presents = run_stack(backend, embeds, position_ids, key_start, state.past or None)
     logits = backend.lm_head(hidden[:, -1:])[:, -1]
     return logits, DecodeState(presents, key_start, position_ids[:, -1] + 1)
+
+
+def check_prompt_length(config, prompt_tokens: int, new_tokens: int = 0) -> None:
+    """A prompt (plus the tokens to decode) must fit the model's positions."""
+    limit = config.base.max_position_embeddings
+    if prompt_tokens + new_tokens > limit:
+        extra = f" + {new_tokens} new tokens" if new_tokens else ""
+        raise RequestError(
+            f"the prompt is {prompt_tokens} tokens{extra}, more than the model's {limit} positions "
+            "(max_position_embeddings); shorten the prompt" + (" or ask for fewer new tokens" if new_tokens else "")
+        )
 
 
 @torch.no_grad()
@@ -83,6 +107,7 @@ def understand(
     top_p, stop_token_ids, seed). A row stops at a stop token; the loop ends when every row has.
     """
     params = SamplingParams(**sampling)
+    check_prompt_length(backend.config, input_ids.shape[1], params.max_new_tokens)
     pad = backend.config.pad_token_id if pad_token_id is None else pad_token_id
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -117,8 +142,14 @@ def encode_prompt(backend: Backend, input_ids: torch.Tensor, attention_mask: tor
     return DecodeState(presents, key_start, attention_mask.long().sum(-1))
 
 
-def predict_v(backend: Backend, latents: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor, prefix: DecodeState | None = None) -> torch.Tensor:
+def predict_v(
+    backend: Backend,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefix: DecodeState | None = None,
+) -> torch.Tensor:
     """One denoiser call: v-prediction [B, F, C, h, w]; with `prefix`, only time token + latents run."""
     time_token, latent_tokens, temb = backend.embed_generation(latents, timestep)
     num_visual = latent_tokens.shape[1]
@@ -128,8 +159,7 @@ def predict_v(backend: Backend, latents: torch.Tensor, timestep: torch.Tensor, i
         hidden, _ = run_stack(backend, sequence, position_ids, key_start)
     else:
         key_start, position_ids = denoise_positions(prefix.key_start, prefix.next_position, num_visual)
-        hidden, _ = run_stack(backend, torch.cat([time_token, latent_tokens], 1), position_ids, key_start,
-                              prefix.past)
+        hidden, _ = run_stack(backend, torch.cat([time_token, latent_tokens], 1), position_ids, key_start, prefix.past)
     return backend.latent_head(hidden[:, -num_visual:], temb, tuple(latents.shape))
 
 
@@ -146,6 +176,9 @@ def denoise(
     progress: bool = False,
 ) -> torch.Tensor:
     """Classifier-free guided DDIM: v = v_neg + g (v_pos - v_neg), batch [negatives, prompts]."""
+    check_prompt_length(backend.config, input_ids.shape[1])
+    if num_inference_steps < 1:
+        raise RequestError(f"the number of DDIM steps must be >= 1, got {num_inference_steps}")
     if scheduler is None:
         from haplo.pipeline import make_scheduler
 
@@ -157,6 +190,7 @@ def denoise(
         batch = torch.cat([latents, latents])
         v = predict_v(backend, batch, t.expand(batch.shape[0]).long(), input_ids, attention_mask, prefix)
         v_negative, v_positive = v.float().chunk(2)
-        latents = scheduler.step(v_negative + guidance_scale * (v_positive - v_negative), t, latents,
-                                 return_dict=False)[0]
+        latents = scheduler.step(
+            v_negative + guidance_scale * (v_positive - v_negative), t, latents, return_dict=False
+        )[0]
     return latents

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from haplo.config import HaploOmniConfig
+from haplo.errors import HaploError
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
@@ -33,20 +34,24 @@ CHAT_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(HaploError, ValueError):
     pass
 
 
 def build_tokenizer(config: HaploOmniConfig) -> PreTrainedTokenizerFast:
     """Byte-level tokenizer that fits `config.vocab_size`, placeholders at the configured ids."""
-    specials = {PAD: config.pad_token_id, IMAGE_TOKEN: config.image_token_index,
-                VIDEO_TOKEN: config.video_token_index}
+    specials = {PAD: config.pad_token_id, IMAGE_TOKEN: config.image_token_index, VIDEO_TOKEN: config.video_token_index}
     byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 printable stand-ins for the bytes
     free = [i for i in range(config.vocab_size) if i not in specials.values()]
-    if len(set(specials.values())) != len(specials) or len(free) < 2 + len(byte_symbols) \
-            or max(specials.values()) >= config.vocab_size:
-        raise TokenizerError(f"vocab_size {config.vocab_size} cannot hold 256 bytes and the special tokens "
-                             "at the configured ids; pass --tokenizer with the checkpoint's tokenizer")
+    if (
+        len(set(specials.values())) != len(specials)
+        or len(free) < 2 + len(byte_symbols)
+        or max(specials.values()) >= config.vocab_size
+    ):
+        raise TokenizerError(
+            f"vocab_size {config.vocab_size} cannot hold 256 bytes and the special tokens "
+            "at the configured ids; pass --tokenizer with the checkpoint's tokenizer"
+        )
     specials[IM_START], specials[IM_END] = free[0], free[1]
     vocab = dict(zip(byte_symbols, free[2:]))
     vocab.update(specials)
@@ -54,8 +59,12 @@ def build_tokenizer(config: HaploOmniConfig) -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, eos_token=IM_END, bos_token=None,
-        additional_special_tokens=[IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN], padding_side="left",
+        tokenizer_object=core,
+        pad_token=PAD,
+        eos_token=IM_END,
+        bos_token=None,
+        additional_special_tokens=[IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN],
+        padding_side="left",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -8,9 +8,10 @@ import torch
 from diffusers import AutoencoderKLCogVideoX
 
 from haplo.config import HaploOmniConfig
+from haplo.errors import HaploError
 
 
-class VAEError(ValueError):
+class VAEError(HaploError, ValueError):
     pass
 
 
@@ -34,20 +35,31 @@ def build_random_vae(config: HaploOmniConfig, seed: int = 0) -> AutoencoderKLCog
     gen = config.video_generation
     torch.manual_seed(seed)
     vae = AutoencoderKLCogVideoX(
-        block_out_channels=(8, 8, 16, 16), latent_channels=gen.latent_channels, layers_per_block=1,
-        norm_num_groups=4, temporal_compression_ratio=gen.vae_temporal_compression,
-        sample_height=gen.height, sample_width=gen.width, scaling_factor=gen.vae_scaling_factor,
+        block_out_channels=(8, 8, 16, 16),
+        latent_channels=gen.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=gen.vae_temporal_compression,
+        sample_height=gen.height,
+        sample_width=gen.width,
+        scaling_factor=gen.vae_scaling_factor,
     )
     return vae.eval()
 
 
 def vae_for_checkpoint(checkpoint: str | Path | None, config: HaploOmniConfig, vae_dir: str | Path | None = None):
-    """An explicit VAE directory, else the checkpoint's `vae/` folder, else a seeded random VAE."""
+    """An explicit VAE directory, else the checkpoint's `vae/` folder; a preset (no checkpoint) gets a
+    seeded random VAE like its random weights. A checkpoint without `vae/` is refused, never filled in."""
     if vae_dir is not None:
         return load_vae(vae_dir)
-    if checkpoint is not None and (Path(checkpoint) / "vae" / "config.json").exists():
+    if checkpoint is None:
+        return build_random_vae(config)
+    if (Path(checkpoint) / "vae" / "config.json").exists():
         return load_vae(Path(checkpoint) / "vae")
-    return build_random_vae(config)
+    raise VAEError(
+        f"{checkpoint} has no vae/ folder: pass --vae DIR (a diffusers AutoencoderKLCogVideoX "
+        "directory, e.g. CogVideoX-2b's vae/), or build without the VAE decoder graph with --no-vae"
+    )
 
 
 @torch.no_grad()

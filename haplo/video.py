@@ -31,4 +31,3 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
         iio.imwrite(tmp, frames, duration=1000 / fps, loop=0)
     os.replace(tmp, path)
     return path
-

@@ -93,8 +93,9 @@ def video_token_count(num_frames: int, stage: StageConfig) -> int:
     return num_frames * patches_per_side(stage) ** 2 + 1
 
 
-def pack_image_embeds(tile_embeds: torch.Tensor, image_size: tuple[int, int], newline: torch.Tensor | None,
-                      stage: StageConfig) -> torch.Tensor:
+def pack_image_embeds(
+    tile_embeds: torch.Tensor, image_size: tuple[int, int], newline: torch.Tensor | None, stage: StageConfig
+) -> torch.Tensor:
     """[tiles, P, D] features of one image -> [tokens, D] in placeholder order."""
     if not is_anyres(stage):
         tokens = tile_embeds[0]
@@ -106,7 +107,7 @@ def pack_image_embeds(tile_embeds: torch.Tensor, image_size: tuple[int, int], ne
     fmap = tile_embeds.reshape(rows, cols, p, p, dim).permute(4, 0, 2, 1, 3).reshape(dim, rows * p, cols * p)
     height, width = _unpadded_size(image_size, rows * p, cols * p)
     top, left = (rows * p - height) // 2, (cols * p - width) // 2
-    fmap = fmap[:, top:top + height, left:left + width]
+    fmap = fmap[:, top : top + height, left : left + width]
     target = _downscaled_size(height, width, stage)
     if target != (height, width):
         fmap = F.interpolate(fmap[None].float(), list(target), mode="bilinear")[0].to(tile_embeds.dtype)

@@ -48,3 +48,13 @@ def trt_plugin(monkeypatch):
     assert tensorrt_plugins.register_plugins() == [tensorrt_plugins.ADALN_ID, tensorrt_plugins.ATTENTION_ID]
     registry = sys.modules["tensorrt.plugin._lib"].QDP_REGISTRY
     return trt, trtp, registry
+
+
+@pytest.fixture(scope="session")
+def cli_bundle(tmp_path_factory):
+    """The README's main command: the default (tiny) bundle, built once through the CLI."""
+    from haplo.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    assert main(["build", "--out", str(out)]) == 0
+    return out

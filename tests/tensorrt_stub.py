@@ -66,9 +66,17 @@ class Dim(stub_class("tensorrt.IDimensionExpr")):
         return self.value
 
 
-_OPERATIONS = {"SUM": operator.add, "SUB": operator.sub, "PROD": operator.mul, "FLOOR_DIV": operator.floordiv,
-               "CEIL_DIV": lambda a, b: -(-a // b), "MAX": max, "MIN": min,
-               "EQUAL": lambda a, b: int(a == b), "LESS": lambda a, b: int(a < b)}
+_OPERATIONS = {
+    "SUM": operator.add,
+    "SUB": operator.sub,
+    "PROD": operator.mul,
+    "FLOOR_DIV": operator.floordiv,
+    "CEIL_DIV": lambda a, b: -(-a // b),
+    "MAX": max,
+    "MIN": min,
+    "EQUAL": lambda a, b: int(a == b),
+    "LESS": lambda a, b: int(a < b),
+}
 
 
 class ExprBuilder:
@@ -89,8 +97,15 @@ def install(monkeypatch) -> tuple[types.ModuleType, types.ModuleType]:
     trt.__version__ = "stub"
     trt.Dims = types.SimpleNamespace(MAX_DIMS=8)
     # TensorRT's dtype aliases are its DataType members
-    for alias, member in {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64",
-                          "int32": "INT32", "int8": "INT8", "bool": "BOOL"}.items():
+    for alias, member in {
+        "float32": "FLOAT",
+        "float16": "HALF",
+        "bfloat16": "BF16",
+        "int64": "INT64",
+        "int32": "INT32",
+        "int8": "INT8",
+        "bool": "BOOL",
+    }.items():
         setattr(trt, alias, getattr(trt.DataType, member))
     for name in [n for n in sys.modules if n == "tensorrt" or n.startswith("tensorrt.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -8,11 +8,34 @@ from haplo.bench.report import SchemaError, validate
 from haplo.cli import main
 
 
+@pytest.mark.slow
 def test_bench_writes_json_table_and_plots(tmp_path, capsys):
     out = tmp_path / "results"
-    code = main(["bench", "--preset", "tiny", "--backends", "torch,onnxruntime,tensorrt", "--repeats", "1",
-                 "--warmup", "0", "--new-tokens", "3", "--ddim-steps", "1", "--past-lengths", "8",
-                 "--videos", "9x64x64", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    code = main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--backends",
+            "torch,onnxruntime,tensorrt",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--new-tokens",
+            "3",
+            "--ddim-steps",
+            "1",
+            "--past-lengths",
+            "8",
+            "--videos",
+            "9x64x64",
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     validate(doc)

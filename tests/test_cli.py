@@ -34,16 +34,95 @@ def test_inspect_checkpoint_table(capsys):
     assert code == 0 and "total" in out and "latent tokens" in out
 
 
-@pytest.mark.parametrize("argv, message", [
+LONG_PROMPT = " ".join(["word"] * 20_000)
+
+# Bad input -> the fragment its one `error:` line must contain. Placeholders: {FILE} an existing file,
+# {DIR} a directory holding a user's file, {BUNDLE} a built tiny bundle, {CKPT} the official-layout
+# checkpoint (no vae/ folder). Every new option adds its rows here.
+BAD_INPUT = [
     (["inspect", "--preset", "huge"], "unknown preset 'huge'"),
     (["inspect", "--checkpoint", "/nonexistent/dir"], "no config.json"),
+    (["inspect", "--frames", "0"], "--frames: 0 is out of range"),
     (["run", "understand", "--checkpoint", "/nonexistent/dir"], "not a directory"),
     (["run", "understand", "--image", "/nonexistent.png"], "no such image file"),
-])
-def test_bad_input_is_one_clear_line(capsys, argv, message):
+    (["run", "understand", "--video", "/nonexistent.mp4"], "no such video file"),
+    (["run", "understand", "--max-new-tokens", "-3"], "--max-new-tokens: -3 is out of range"),
+    (["run", "understand", "--max-new-tokens", "many"], "expected an integer, got 'many'"),
+    (["run", "understand", "--top-p", "5"], "--top-p: 5.0 is out of range"),
+    (["run", "understand", "--top-p", "0"], "--top-p: 0.0 is out of range"),
+    (["run", "understand", "--top-k", "-1"], "--top-k: -1 is out of range"),
+    (["run", "understand", "--temperature", "-1"], "--temperature: -1.0 is out of range"),
+    (["run", "understand", "--temperature", "nan"], "expected a finite number"),
+    (["run", "understand", "--video-frames", "0"], "--video-frames: 0 is out of range"),
+    (["run", "understand", "--threads", "0"], "--threads: 0 is out of range"),
+    (["run", "understand", "--prompt", LONG_PROMPT], "more than the model's 2048 positions"),
+    (["run", "--bundle", "{BUNDLE}", "understand", "--prompt", LONG_PROMPT], "more than the model's 2048 positions"),
+    (["run", "--bundle", "/nonexistent/bundle", "understand"], "not a directory"),
+    (["run", "--bundle", "{DIR}", "understand"], "no manifest.json"),
+    (["run", "--bundle", "{BUNDLE}", "--backend", "tensorrt", "understand"], "has no TensorRT engines"),
+    (["run", "generate", "--steps", "0"], "--steps: 0 is out of range"),
+    (["run", "generate", "--guidance", "-2"], "--guidance: -2.0 is out of range"),
+    (["run", "generate", "--frames", "5"], "decodes 8k + 1 frames"),
+    (["run", "generate", "--height", "50"], "multiples of 16"),
+    (["run", "generate", "--out", "video.gif"], "use a .mp4 path"),
+    (["run", "generate", "--out", "{DIR}"], "use a .mp4 path"),
+    (["run", "generate", "--out", "{FILE}/sub/video.mp4"], "cannot create"),
+    (["run", "generate", "--checkpoint", "{CKPT}"], "has no vae/ folder"),
+    (["run", "generate", "--vae", "/nonexistent/vae"], "no VAE config.json"),
+    (["run", "--bundle", "{BUNDLE}", "generate", "--frames", "17"], "decodes 9 frames of 64x64 only"),
+    (["build", "--out", "{FILE}"], "exists and is a file"),
+    (["build", "--out", "{DIR}"], "is not a bundle made by this tool"),
+    (["build", "--out", "{DIR}", "--force"], "is not a bundle made by this tool"),
+    (["build", "--out", "."], "working directory"),
+    (["build", "--out", "{FILE}/sub/bundle"], "cannot create it"),
+    (["build", "--frames", "5", "--out", "b"], "use 1 or 9"),
+    (["build", "--height", "72", "--out", "b"], "multiples of 16"),
+    (["build", "--precision", "int4", "--out", "b"], "invalid choice: 'int4'"),
+    (["build", "--int8-weights", "half", "--out", "b"], "invalid choice: 'half'"),
+    (["build", "--graph-precision", "lm_head", "--out", "b"], "expected GRAPH=PRECISION"),
+    (["build", "--graph-precision", "decoder=fp32", "--precision", "int8", "--out", "b"], "unknown graph(s) decoder"),
+    (["build", "--quant-min-cosine", "2", "--out", "b"], "--quant-min-cosine: 2.0 is out of range"),
+    (["build", "--atol", "-1", "--out", "b"], "--atol: -1.0 is out of range"),
+    (["build", "--checkpoint", "{CKPT}", "--out", "b"], "has no vae/ folder"),
+    (["build", "--vae", "/nonexistent/vae", "--out", "b"], "no VAE config.json"),
+    (["build", "--vae", "/nonexistent/vae", "--no-vae", "--out", "b"], "not allowed with argument"),
+    (["build", "--target", "tensorrt", "--out", "b"], "TensorRT engines need an NVIDIA GPU"),
+    (["bench", "--out", "{FILE}"], "exists and is a file"),
+    (["bench", "--out", "{DIR}"], "is not a benchmark results directory made by this tool"),
+    (["bench", "--repeats", "0"], "--repeats: 0 is out of range"),
+    (["bench", "--new-tokens", "1"], "--new-tokens: 1 is out of range"),
+    (["bench", "--videos", "9x64", "--out", "r"], "expected FRAMESxHEIGHTxWIDTH"),
+    (["bench", "--past-lengths", "8,x", "--out", "r"], "expected comma-separated integers"),
+    (["kernels", "--arch", "60"], "Triton targets sm_70 and newer"),
+    (["kernels", "--dtypes", "fp64"], "choose from fp32, fp16, bf16"),
+    (["kernels", "--out", "{FILE}"], "exists and is a file"),
+    (["kernels", "--out", "{DIR}"], "is not a kernels directory made by this tool"),
+]
+
+
+def _tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUT, ids=lambda v: " ".join(v)[:60] if isinstance(v, list) else None)
+def test_bad_input_is_one_clear_line(capsys, tmp_path, monkeypatch, cli_bundle, argv, message):
+    (tmp_path / "notes.txt").write_text("a user's file")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.csv").write_text("1,2,3\n")
+    places = {
+        "{FILE}": str(tmp_path / "notes.txt"),
+        "{DIR}": str(tmp_path / "mine"),
+        "{BUNDLE}": str(cli_bundle),
+        "{CKPT}": str(FIXTURE_CKPT),
+    }
+    argv = [places.get(a, a) for a in argv]
+    argv = [a.replace("{FILE}", places["{FILE}"]) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    before, bundle_before = _tree(tmp_path), _tree(cli_bundle)
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("error:") and message in err
+    assert err.count("\n") == 1 and err.startswith("error:") and message in err, err
+    assert _tree(tmp_path) == before and _tree(cli_bundle) == bundle_before  # nothing written or changed
 
 
 def test_mismatched_checkpoint_is_one_clear_line(capsys, tmp_path):

@@ -26,15 +26,30 @@ def _adaln_inputs(shape, hidden, dtype=torch.float32, switch_scale=1.0):
     def rand(*s):
         return torch.randn(*s, generator=g)
 
-    params = dict(weight=rand(hidden), bias=rand(hidden), indicator_weight=rand(2, hidden) * switch_scale,
-                  indicator_bias=rand(2), ssg_l=rand(3, hidden), ssg_c=rand(3, hidden))
+    params = dict(
+        weight=rand(hidden),
+        bias=rand(hidden),
+        indicator_weight=rand(2, hidden) * switch_scale,
+        indicator_bias=rand(2),
+        ssg_l=rand(3, hidden),
+        ssg_c=rand(3, hidden),
+    )
     return x.to(dtype), {k: v.to(dtype) for k, v in params.items()}
 
 
 def _reference_adaln(x, p, mode):
     p = {k: v.float() for k, v in p.items()}
-    return ops.multimodal_adaln(x.float(), p["weight"], p["bias"] if mode == "layernorm" else None,
-                                p["indicator_weight"], p["indicator_bias"], p["ssg_l"], p["ssg_c"], 1e-5, mode)
+    return ops.multimodal_adaln(
+        x.float(),
+        p["weight"],
+        p["bias"] if mode == "layernorm" else None,
+        p["indicator_weight"],
+        p["indicator_bias"],
+        p["ssg_l"],
+        p["ssg_c"],
+        1e-5,
+        mode,
+    )
 
 
 @pytest.mark.parametrize("mode", ["rmsnorm", "layernorm"])
@@ -77,8 +92,7 @@ def _layout(lengths_and_kinds, batch_pad):
 ATTENTION_CASES = {
     # name: (q_heads, kv_heads, q_len, head_dim, segments, left padding per batch row)
     "causal-prefill": (4, 4, None, 32, [("text", 23)], [0, 5]),
-    "ragged-blocks-gqa": (6, 2, None, 24, [("text", 5), ("block", 9), ("text", 3), ("block", 16), ("text", 4)],
-                          [0, 3]),
+    "ragged-blocks-gqa": (6, 2, None, 24, [("text", 5), ("block", 9), ("text", 3), ("block", 16), ("text", 4)], [0, 3]),
     "decode-long-cache": (6, 2, 1, 16, [("text", 10), ("block", 70), ("text", 80)], [0, 12]),
     "chunk-inside-a-block": (4, 1, 7, 16, [("text", 6), ("block", 20)], [0, 0]),  # queries see later keys
     "all-padding-row": (2, 2, None, 16, [("text", 9)], [0, 9]),  # batch row 1: every row sees nothing
@@ -117,8 +131,10 @@ def test_tiny_model_on_triton_kernels_matches_pytorch():
     # Every layer of all three stages, on an image prompt (bidirectional blocks) with left padding.
     model = HaploOmniForConditionalGeneration.from_preset("tiny", seed=2).eval()
     processor = HaploOmniProcessor(build_tokenizer(model.config), model.config)
-    batch = processor(text=["a red square", "what is in <image> ?"],
-                      images=[torch.randint(0, 255, (40, 60, 3), dtype=torch.uint8).numpy()])
+    batch = processor(
+        text=["a red square", "what is in <image> ?"],
+        images=[torch.randint(0, 255, (40, 60, 3), dtype=torch.uint8).numpy()],
+    )
     with torch.no_grad():
         reference = model(**batch).logits
         with kernels.routed_to_triton():
@@ -153,6 +169,7 @@ def test_compile_error_names_the_kernel():
 
 # -- tensorrt.plugin, on TensorRT's Python plugin API --------------------------------------------------
 
+
 def test_plugin_signatures_match_the_onnx_nodes(trt_plugin):
     _, _, registry = trt_plugin
     schemas = {s.name: s for s in custom_ops.SCHEMAS}
@@ -184,8 +201,9 @@ def test_adaln_plugin_launch_computes_the_reference(trt_plugin):
     x, p = _adaln_inputs((2, 3), 48)
     inputs = [x, *p.values()]
     descs = [_desc(trt, trtp, x, dynamic=(0, 1))] + [_desc(trt, trtp, t) for t in p.values()]
-    name, ptx, grid, threads, scalars = _aot_launch(trt, trtp, registry["haplo::MultimodalAdaLN"], descs,
-                                                    (1e-5, 1), tactic=0)
+    name, ptx, grid, threads, scalars = _aot_launch(
+        trt, trtp, registry["haplo::MultimodalAdaLN"], descs, (1e-5, 1), tactic=0
+    )
     assert grid == (6, 1, 1) and scalars == [48] and ".target sm_90" in ptx
     kernel = aot.compile_adaln("fp32", 48, 1e-5, True)
     assert (name, threads) == (kernel.name, kernel.block_threads)
@@ -204,8 +222,12 @@ def test_attention_plugin_launch_computes_the_reference(trt_plugin, q_len, tacti
     k_len = key_start.shape[1]
     q = torch.randn(2, 6, q_len, 16)
     k, v = torch.randn(2, 2, k_len, 16), torch.randn(2, 2, k_len, 16)
-    descs = [_desc(trt, trtp, q, (0, 2)), _desc(trt, trtp, k, (0, 2)), _desc(trt, trtp, v, (0, 2)),
-             _desc(trt, trtp, key_start, (0, 1))]
+    descs = [
+        _desc(trt, trtp, q, (0, 2)),
+        _desc(trt, trtp, k, (0, 2)),
+        _desc(trt, trtp, v, (0, 2)),
+        _desc(trt, trtp, key_start, (0, 1)),
+    ]
     _, _, grid, _, scalars = _aot_launch(trt, trtp, registry["haplo::HybridAttention"], descs, (0.25,), tactic)
     block_m = kernels.ATTENTION_TILES[tactic][0]
     assert grid == (triton.cdiv(3 * q_len, block_m), 2 * 2, 1) and scalars == [q_len, k_len, 6, 2]

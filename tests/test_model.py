@@ -70,7 +70,7 @@ def test_config_that_does_not_match_the_weights(tmp_path):
 def test_corrupt_weights(tmp_path):
     shutil.copytree(FIXTURE_CKPT, tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: 100_000])
+    weights.write_bytes(weights.read_bytes()[:100_000])
     with pytest.raises(CheckpointError, match="corrupt"):
         HaploOmniForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
 
@@ -89,7 +89,7 @@ def greedy_without_cache(model, input_ids, attention_mask, steps):
         logits = model(ids, mask).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids[:, input_ids.shape[1]:]
+    return ids[:, input_ids.shape[1] :]
 
 
 @pytest.mark.parametrize("config", [preset("tiny"), uneven_layers_config()], ids=["2-2-2", "1-3-2"])
@@ -132,8 +132,7 @@ def test_sampling_rules():
 
 def test_sampling_is_reproducible_with_a_seed(tiny):
     ids = torch.randint(2, 900, (1, 5))
-    runs = [tiny.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7).new_tokens
-            for _ in range(2)]
+    runs = [tiny.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7).new_tokens for _ in range(2)]
     assert torch.equal(*runs)
 
 

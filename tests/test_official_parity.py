@@ -42,8 +42,7 @@ def assert_close(actual, expected, valid=None, atol=ATOL):
 
 
 def understanding_inputs(vectors, case):
-    names = {"input_ids", "attention_mask", "attention_start_ids", "pixel_values", "image_sizes",
-             "pixel_values_videos"}
+    names = {"input_ids", "attention_mask", "attention_start_ids", "pixel_values", "image_sizes", "pixel_values_videos"}
     return {n: vectors[f"{case}.{n}"] for n in names if f"{case}.{n}" in vectors}
 
 
@@ -119,10 +118,18 @@ def test_generation_forward(model, vectors):
 @pytest.mark.parametrize("reuse_prefix", [True, False])
 def test_ddim_three_steps(model, vectors, reuse_prefix):
     scheduler = make_scheduler(model.config.video_generation)
-    latents = denoise(TorchBackend(model), vectors["ddim.input_ids"], vectors["ddim.attention_mask"],
-                      vectors["ddim.initial_latents"], num_inference_steps=3, guidance_scale=6.5,
-                      scheduler=scheduler, reuse_prefix=reuse_prefix)
+    latents = denoise(
+        TorchBackend(model),
+        vectors["ddim.input_ids"],
+        vectors["ddim.attention_mask"],
+        vectors["ddim.initial_latents"],
+        num_inference_steps=3,
+        guidance_scale=6.5,
+        scheduler=scheduler,
+        reuse_prefix=reuse_prefix,
+    )
     assert torch.equal(scheduler.timesteps, vectors["ddim.timesteps"])
-    assert_close(torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64),
-                 vectors["ddim.debug.alphas_cumprod"], atol=1e-12)
+    assert_close(
+        torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64), vectors["ddim.debug.alphas_cumprod"], atol=1e-12
+    )
     assert_close(latents, vectors["ddim.final_latents"], atol=5e-4)

@@ -83,8 +83,9 @@ def test_adaln_layernorm_switch_reads_raw_input():
 
 def test_adaln_switch_selects_a_state_set():
     x, w, b, iw, ib, ssg_l, ssg_c = adaln_inputs()
-    _, gate = ops.multimodal_adaln(x, w, None, torch.zeros_like(iw), torch.tensor([50.0, -50.0]),
-                                   ssg_l, ssg_c, 1e-6, "rmsnorm")
+    _, gate = ops.multimodal_adaln(
+        x, w, None, torch.zeros_like(iw), torch.tensor([50.0, -50.0]), ssg_l, ssg_c, 1e-6, "rmsnorm"
+    )
     torch.testing.assert_close(gate, ssg_l[2].expand_as(gate))  # index 0 -> the latent set
 
 

@@ -24,19 +24,53 @@ TIMESTEP = 300.0
 
 
 def _config() -> HaploOmniConfig:
-    vision = dict(vocab_size=128, patch_size=14, default_image_size=28, image_grid_pinpoints=[[28, 28]],
-                  image_token_index=120, video_token_index=121)
+    vision = dict(
+        vocab_size=128,
+        patch_size=14,
+        default_image_size=28,
+        image_grid_pinpoints=[[28, 28]],
+        image_token_index=120,
+        video_token_index=121,
+    )
     return HaploOmniConfig(
-        pre=StageConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        num_key_value_heads=2, norm_mode="layernorm", rms_norm_eps=1e-5, rope_theta=10000.0,
-                        attention_rope=True, **vision),
-        base=StageConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1_000_000.0, **vision),
-        post=StageConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, norm_mode="layernorm", rms_norm_eps=1e-5, rope_theta=10000.0,
-                         attention_rope=True, use_qk_norm=True, **vision),
-        video_generation=VideoGenerationConfig(latent_channels=4, time_embed_dim=32, text_embed_dim=24,
-                                               num_frames=5, height=32, width=32),
+        pre=StageConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            norm_mode="layernorm",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            attention_rope=True,
+            **vision,
+        ),
+        base=StageConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            **vision,
+        ),
+        post=StageConfig(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            norm_mode="layernorm",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            attention_rope=True,
+            use_qk_norm=True,
+            **vision,
+        ),
+        video_generation=VideoGenerationConfig(
+            latent_channels=4, time_embed_dim=32, text_embed_dim=24, num_frames=5, height=32, width=32
+        ),
     )
 
 
@@ -51,23 +85,53 @@ def _jitter(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def _clip(**changes) -> CLIPVisionModel:
     torch.manual_seed(0)
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
-               patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    cfg = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
     return _jitter(CLIPVisionModel(CLIPVisionConfig(**{**cfg, **changes})), 1)
 
 
 def _qwen(**changes) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    cfg = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               vocab_size=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    cfg = dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     return _jitter(Qwen2ForCausalLM(Qwen2Config(**{**cfg, **changes})), 2)
 
 
 def _cog(activation_fn: str = "gelu-approximate", **changes) -> CogVideoXTransformer3DModel:
     torch.manual_seed(0)
-    cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
-               text_embed_dim=24, num_layers=2, patch_size=2, sample_height=4, sample_width=4, sample_frames=5,
-               max_text_seq_length=3, activation_fn=activation_fn, norm_eps=1e-5)
+    cfg = dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=32,
+        text_embed_dim=24,
+        num_layers=2,
+        patch_size=2,
+        sample_height=4,
+        sample_width=4,
+        sample_frames=5,
+        max_text_seq_length=3,
+        activation_fn=activation_fn,
+        norm_eps=1e-5,
+    )
     return _jitter(CogVideoXTransformer3DModel(**{**cfg, **changes}), 3)
 
 
@@ -91,6 +155,7 @@ def converted():
 
 
 # -- CLIP -> pre -------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def test_clip_layers_are_reproduced(converted):
@@ -118,6 +183,7 @@ def test_clip_tower_is_reproduced_with_the_class_row_supplied(converted):
 
 # -- Qwen2 -> base -----------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def test_qwen2_layer_is_reproduced(converted):
     model, _, qwen, _, _ = converted
@@ -126,8 +192,9 @@ def test_qwen2_layer_is_reproduced(converted):
     index = model.model.stage_layers("base")[0]
     ours, _ = model.model.layers[index](x, model.model.rope("base", positions), positions)  # key_start = causal
     causal = torch.full((7, 7), float("-inf")).triu(1)[None, None]
-    theirs = qwen.model.layers[0](x, attention_mask=causal, position_ids=positions,
-                                  position_embeddings=qwen.model.rotary_emb(x, positions))
+    theirs = qwen.model.layers[0](
+        x, attention_mask=causal, position_ids=positions, position_embeddings=qwen.model.rotary_emb(x, positions)
+    )
     assert _err(ours, _out(theirs)) <= EXACT
 
 
@@ -144,6 +211,7 @@ def test_qwen2_stack_norm_and_lm_head_are_reproduced(converted):
 
 
 # -- CogVideoX -> post -------------------------------------------------------------------------------
+
 
 def _post(activation_fn: str, routing: str = "latent"):
     cog, model = _cog(activation_fn), _model()
@@ -231,18 +299,31 @@ def test_neutral_routing_mixes_the_frozen_state_sets(converted):
 
 # -- report and errors ---------------------------------------------------------------------------------
 
+
 def test_report_lists_every_parameter(converted):
     model, *_, report = converted
     names = [n for n, _ in model.named_parameters()]
     assert set(report.sources).isdisjoint(report.left_at_init)
     assert set(report.sources) | set(report.left_at_init) == set(names)
-    prefixes = ("model.embed_tokens", "model.image_newline", "model.pre_connector", "model.post_connector",
-                "model.post_norm", "model.post_linear", "model.post_scale", "temb_token", "v2t_projector")
+    prefixes = (
+        "model.embed_tokens",
+        "model.image_newline",
+        "model.pre_connector",
+        "model.post_connector",
+        "model.post_norm",
+        "model.post_linear",
+        "model.post_scale",
+        "temb_token",
+        "v2t_projector",
+    )
     left = {n for n in report.left_at_init if not n.startswith(prefixes)}
     pre_and_base = model.model.stage_layers("pre")[0], model.model.stage_layers("base")[-1]
     assert all(".indicator." in n and pre_and_base[0] <= int(n.split(".")[2]) <= pre_and_base[1] for n in left)
-    assert report.unused == {"clip": ["embeddings.class_embedding", "post_layernorm.bias", "post_layernorm.weight"],
-                             "qwen2": ["model.embed_tokens.weight"], "cogvideox": []}
+    assert report.unused == {
+        "clip": ["embeddings.class_embedding", "post_layernorm.bias", "post_layernorm.weight"],
+        "qwen2": ["model.embed_tokens.weight"],
+        "cogvideox": [],
+    }
     assert report.sources["model.pre_pos_embed"].startswith("clip:embeddings.position_embedding.weight")
     assert report.sources["model.layers.2.self_attn.o_proj.bias"].startswith("0 (qwen2 has no")
 

@@ -42,10 +42,14 @@ def test_prepared_nodes_bind_to_the_registered_plugins(tiny_model, tmp_path, trt
 
 
 def test_profiles_cover_prefill_and_decode():
-    entry = {"layers": [0, 1], "inputs": [
-        {"name": "hidden_states", "shape": ["batch", "sequence", 64]},
-        {"name": "key_start", "shape": ["batch", "total_sequence"]},
-        {"name": "past_key_values.0.key", "shape": ["batch", 4, "past_sequence", 16]}]}
+    entry = {
+        "layers": [0, 1],
+        "inputs": [
+            {"name": "hidden_states", "shape": ["batch", "sequence", 64]},
+            {"name": "key_start", "shape": ["batch", "total_sequence"]},
+            {"name": "past_key_values.0.key", "shape": ["batch", 4, "past_sequence", 16]},
+        ],
+    }
     ranges = trt_engines.ShapeRanges(prompt=(1, 32, 256), past=(1, 64, 512), visual_tokens=(1, 16, 128))
     profiles = trt_engines.graph_profiles(entry, ranges)
     assert list(profiles) == ["prefill", "decode"]
@@ -62,8 +66,9 @@ def test_profiles_cover_prefill_and_decode():
 @pytest.mark.skipif(trt_engines.tensorrt_status()[0], reason="TensorRT is usable here")
 def test_engine_build_without_tensorrt_says_what_is_needed(tmp_path):
     with pytest.raises(trt_engines.TensorRTUnavailable, match="NVIDIA GPU with TensorRT"):
-        trt_engines.build_engine("pre_decoder", tmp_path / "g.onnx", tmp_path / "g.plan", {}, "fp32",
-                                 trt_engines.BuildOptions())
+        trt_engines.build_engine(
+            "pre_decoder", tmp_path / "g.onnx", tmp_path / "g.plan", {}, "fp32", trt_engines.BuildOptions()
+        )
 
 
 # -- on an NVIDIA GPU with TensorRT ------------------------------------------------------------------
@@ -73,11 +78,19 @@ GPU_RANGES = dict(prompt=(1, 64, 256), past=(1, 64, 512), visual_tokens=(1, 48, 
 
 def _build_trt(model, out, precision="fp32"):
     gen = model.config.video_generation
-    return build_bundle(model, build_random_vae(model.config), build_tokenizer(model.config),
-                        BuildOptions(out=out, precision=precision, target="tensorrt",
-                                     engine_ranges=trt_engines.ShapeRanges(**GPU_RANGES),
-                                     video=(gen.num_frames, gen.height, gen.width)),
-                        log=lambda _: None)
+    return build_bundle(
+        model,
+        build_random_vae(model.config),
+        build_tokenizer(model.config),
+        BuildOptions(
+            out=out,
+            precision=precision,
+            target="tensorrt",
+            engine_ranges=trt_engines.ShapeRanges(**GPU_RANGES),
+            video=(gen.num_frames, gen.height, gen.width),
+        ),
+        log=lambda _: None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +119,8 @@ def test_compiled_kernels_match_reference_on_gpu():
         "for mode in ('rmsnorm', 'layernorm'):\n"
         "    out, gate = kernels.multimodal_adaln(x, *p, 1e-5, mode)\n"
         "    ref, ref_gate = ops.multimodal_adaln(x, p[0], p[1] if mode == 'layernorm' else None, *p[2:], 1e-5, mode)\n"
-        "    assert (out - ref).abs().max() < 1e-4 and (gate - ref_gate).abs().max() < 1e-4\n")
+        "    assert (out - ref).abs().max() < 1e-4 and (gate - ref_gate).abs().max() < 1e-4\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert child.returncode == 0, child.stderr
@@ -122,8 +136,12 @@ def test_tensorrt_engines_use_the_plugins_and_match_torch(tiny_model, trt_bundle
     assert manifest["requirements"]
     backend = trt_engines.TensorRTBackend(Bundle.open(out))
     processor = HaploOmniProcessor(build_tokenizer(tiny_model.config), tiny_model.config)
-    batch = dict(processor(text=["a blue circle", "what is this? <image>"],
-                           images=[torch.randint(0, 255, (30, 70, 3), dtype=torch.uint8).numpy()]))
+    batch = dict(
+        processor(
+            text=["a blue circle", "what is this? <image>"],
+            images=[torch.randint(0, 255, (30, 70, 3), dtype=torch.uint8).numpy()],
+        )
+    )
     reference = understand(TorchBackend(tiny_model), **batch, max_new_tokens=32).new_tokens
     candidate = understand(backend, **batch, max_new_tokens=32).new_tokens
     assert (reference == candidate).float().mean() >= 0.95  # TF32 matmuls may flip a near tie
@@ -155,7 +173,8 @@ def test_fp8_engines_build_and_agree(tiny_model, tmp_path):
     assert manifest["graphs"]["base_decoder"]["precision"] == "fp8"
     backend = trt_engines.TensorRTBackend(Bundle.open(tmp_path / "fp8"))
     ids = torch.tensor([[3, 4, 5, 6, 7]])
-    reference = understand(TorchBackend(tiny_model), input_ids=ids, attention_mask=torch.ones_like(ids),
-                           max_new_tokens=32).new_tokens
+    reference = understand(
+        TorchBackend(tiny_model), input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32
+    ).new_tokens
     candidate = understand(backend, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32).new_tokens
     assert (reference == candidate).float().mean() >= 0.9

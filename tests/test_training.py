@@ -22,8 +22,16 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
-    cfg = TrainConfig(stage=1, priors="random", data=str(data), output_dir=str(out), max_steps=4, batch_size=2,
-                      learning_rate=1e-3, post_learning_rate=1e-3)
+    cfg = TrainConfig(
+        stage=1,
+        priors="random",
+        data=str(data),
+        output_dir=str(out),
+        max_steps=4,
+        batch_size=2,
+        learning_rate=1e-3,
+        post_learning_rate=1e-3,
+    )
     return cfg, train(cfg, log=lambda _: None)
 
 
@@ -48,6 +56,7 @@ def test_synthetic_dataset_records(data):
     assert any(d in caption for d in ("left", "right", "up", "down"))
 
 
+@pytest.mark.slow
 def test_stage1_trains_only_pre_and_post_decoders(stage1):
     cfg, state = stage1
     assert state["probe_loss"]["after"] < state["probe_loss"]["before"]
@@ -62,12 +71,21 @@ def test_stage1_trains_only_pre_and_post_decoders(stage1):
     assert not any(".layers.2." in n for n in trained)  # base layers are frozen in stage 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, step", [(2, 1), (2, 2), (2, 3), (3, None)])
 def test_stage_trains_exactly_its_parameters(stage1, data, tmp_path, stage, step):
     _, state1 = stage1
     start = state1["checkpoints"][-1]
-    cfg = TrainConfig(stage=stage, step=step, checkpoint=start, data=str(data), output_dir=str(tmp_path),
-                      max_steps=4, batch_size=2, learning_rate=2e-3)
+    cfg = TrainConfig(
+        stage=stage,
+        step=step,
+        checkpoint=start,
+        data=str(data),
+        output_dir=str(tmp_path),
+        max_steps=4,
+        batch_size=2,
+        learning_rate=2e-3,
+    )
     state = train(cfg, log=lambda _: None)
     assert state["probe_loss"]["after"] < state["probe_loss"]["before"]
     before, after = _weights(start), _weights(state["checkpoints"][-1])
@@ -77,32 +95,58 @@ def test_stage_trains_exactly_its_parameters(stage1, data, tmp_path, stage, step
     assert any(not torch.equal(after[n], before[n]) for n in trained)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_curve(stage1, data, tmp_path):
     _, state1 = stage1
-    common = dict(stage=2, step=2, checkpoint=state1["checkpoints"][-1], data=str(data), max_steps=4, batch_size=2,
-                  learning_rate=1e-3, save_every=2)
+    common = dict(
+        stage=2,
+        step=2,
+        checkpoint=state1["checkpoints"][-1],
+        data=str(data),
+        max_steps=4,
+        batch_size=2,
+        learning_rate=1e-3,
+        save_every=2,
+    )
     full = train(TrainConfig(**common, output_dir=str(tmp_path / "full")), log=lambda _: None)
-    resumed = train(TrainConfig(**common, output_dir=str(tmp_path / "resumed"),
-                                resume_from=str(tmp_path / "full" / "checkpoint-2")), log=lambda _: None)
+    resumed = train(
+        TrainConfig(
+            **common, output_dir=str(tmp_path / "resumed"), resume_from=str(tmp_path / "full" / "checkpoint-2")
+        ),
+        log=lambda _: None,
+    )
     assert resumed["losses"][2:] == pytest.approx(full["losses"][2:], rel=1e-5, abs=1e-7)
     a, b = _weights(full["checkpoints"][-1]), _weights(resumed["checkpoints"][-1])
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
 
 
+@pytest.mark.slow
 def test_stage3_checkpoint_loads_and_builds(stage1, data, tmp_path):
     from haplo.export.bundle import BuildOptions, build_bundle
     from haplo.tokenizer import load_tokenizer
     from haplo.vae import vae_for_checkpoint
 
     _, state1 = stage1
-    cfg = TrainConfig(stage=3, checkpoint=state1["checkpoints"][-1], data=str(data), output_dir=str(tmp_path / "s3"),
-                      max_steps=1, batch_size=2)
+    cfg = TrainConfig(
+        stage=3,
+        checkpoint=state1["checkpoints"][-1],
+        data=str(data),
+        output_dir=str(tmp_path / "s3"),
+        max_steps=1,
+        batch_size=2,
+    )
     checkpoint = train(cfg, log=lambda _: None)["checkpoints"][-1]
     model = HaploOmniForConditionalGeneration.from_pretrained(checkpoint)
     gen = model.config.video_generation
-    manifest = build_bundle(model, vae_for_checkpoint(checkpoint, model.config), load_tokenizer(checkpoint),
-                            BuildOptions(out=tmp_path / "bundle", video=(gen.num_frames, gen.height, gen.width),
-                                         check_steps=8, ddim_steps=2), log=lambda _: None)
+    manifest = build_bundle(
+        model,
+        vae_for_checkpoint(checkpoint, model.config),
+        load_tokenizer(checkpoint),
+        BuildOptions(
+            out=tmp_path / "bundle", video=(gen.num_frames, gen.height, gen.width), check_steps=8, ddim_steps=2
+        ),
+        log=lambda _: None,
+    )
     assert manifest["parity"]["ok"]
 
 

@@ -42,10 +42,19 @@ ATTENTION_TILES = {
 
 @triton.jit
 def multimodal_adaln_kernel(
-    x_ptr, weight_ptr, bias_ptr, indicator_weight_ptr, indicator_bias_ptr, ssg_l_ptr, ssg_c_ptr,
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    indicator_weight_ptr,
+    indicator_bias_ptr,
+    ssg_l_ptr,
+    ssg_c_ptr,
     hidden,
-    out_ptr, gate_ptr,
-    EPS: tl.constexpr, LAYERNORM: tl.constexpr, BLOCK_H: tl.constexpr,
+    out_ptr,
+    gate_ptr,
+    EPS: tl.constexpr,
+    LAYERNORM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
@@ -74,12 +83,15 @@ def multimodal_adaln_kernel(
     p_condition = tl.sigmoid(logit_condition - logit_latent)
 
     # ssg_* rows: shift, scale, gate
-    shift = (p_latent * tl.load(ssg_l_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-             + p_condition * tl.load(ssg_c_ptr + cols, mask=valid, other=0.0).to(tl.float32))
-    scale = (p_latent * tl.load(ssg_l_ptr + hidden + cols, mask=valid, other=0.0).to(tl.float32)
-             + p_condition * tl.load(ssg_c_ptr + hidden + cols, mask=valid, other=0.0).to(tl.float32))
-    gate = (p_latent * tl.load(ssg_l_ptr + 2 * hidden + cols, mask=valid, other=0.0).to(tl.float32)
-            + p_condition * tl.load(ssg_c_ptr + 2 * hidden + cols, mask=valid, other=0.0).to(tl.float32))
+    shift = p_latent * tl.load(ssg_l_ptr + cols, mask=valid, other=0.0).to(tl.float32) + p_condition * tl.load(
+        ssg_c_ptr + cols, mask=valid, other=0.0
+    ).to(tl.float32)
+    scale = p_latent * tl.load(ssg_l_ptr + hidden + cols, mask=valid, other=0.0).to(tl.float32) + p_condition * tl.load(
+        ssg_c_ptr + hidden + cols, mask=valid, other=0.0
+    ).to(tl.float32)
+    gate = p_latent * tl.load(ssg_l_ptr + 2 * hidden + cols, mask=valid, other=0.0).to(
+        tl.float32
+    ) + p_condition * tl.load(ssg_c_ptr + 2 * hidden + cols, mask=valid, other=0.0).to(tl.float32)
     out = normed * (1.0 + scale) + shift
     tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
     tl.store(gate_ptr + row * hidden + cols, gate.to(gate_ptr.dtype.element_ty), mask=valid)
@@ -87,11 +99,20 @@ def multimodal_adaln_kernel(
 
 @triton.jit
 def hybrid_attention_kernel(
-    q_ptr, k_ptr, v_ptr, key_start_ptr,
-    q_len, k_len, q_heads, kv_heads,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    key_start_ptr,
+    q_len,
+    k_len,
+    q_heads,
+    kv_heads,
     out_ptr,
-    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     tile = tl.program_id(0)
     batch_kv = tl.program_id(1)  # batch * kv_heads + kv_head
@@ -121,8 +142,11 @@ def hybrid_attention_kernel(
         starts = tl.load(key_start_ptr + starts_base + keys, mask=key_valid, other=MASKED_START)
         visible = starts[None, :] <= q_pos[:, None]  # [BLOCK_M, BLOCK_N]: the block-start predicate
 
-        k = tl.load(k_ptr + kv_base + keys[None, :] * HEAD_DIM + dims[:, None],
-                    mask=key_valid[None, :] & dim_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        k = tl.load(
+            k_ptr + kv_base + keys[None, :] * HEAD_DIM + dims[:, None],
+            mask=key_valid[None, :] & dim_valid[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
         scores = tl.dot(q, k) * (SCALE * LOG2E)  # base-2 logits
         scores = tl.where(visible, scores, float("-inf"))
 
@@ -132,8 +156,11 @@ def hybrid_attention_kernel(
         probs = tl.exp2(scores - safe_max[:, None])
         rescale = tl.exp2(row_max - safe_max)
         row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        v = tl.load(v_ptr + kv_base + keys[:, None] * HEAD_DIM + dims[None, :],
-                    mask=key_valid[:, None] & dim_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(
+            v_ptr + kv_base + keys[:, None] * HEAD_DIM + dims[None, :],
+            mask=key_valid[:, None] & dim_valid[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
         acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
         row_max = new_max
 
@@ -142,6 +169,7 @@ def hybrid_attention_kernel(
 
 
 # -- launch helpers shared with the AOT step ---------------------------------------------------------
+
 
 def adaln_block(hidden: int) -> int:
     return triton.next_power_of_2(hidden)
@@ -170,6 +198,7 @@ def attention_tactic(query_rows: int) -> int:
 
 # -- launchers (haplo.ops signatures) ------------------------------------------------------------------
 
+
 def multimodal_adaln(
     x: torch.Tensor,  # [..., H]
     weight: torch.Tensor,  # [H]
@@ -195,9 +224,17 @@ def multimodal_adaln(
     out, gate = outputs if outputs is not None else (torch.empty_like(x), torch.empty_like(x))
     rows = x.numel() // hidden
     if rows:
-        multimodal_adaln_kernel[(rows,)](x, *params, hidden, out, gate, EPS=float(eps),
-                                         LAYERNORM=mode == "layernorm", BLOCK_H=adaln_block(hidden),
-                                         num_warps=adaln_warps(hidden))
+        multimodal_adaln_kernel[(rows,)](
+            x,
+            *params,
+            hidden,
+            out,
+            gate,
+            EPS=float(eps),
+            LAYERNORM=mode == "layernorm",
+            BLOCK_H=adaln_block(hidden),
+            num_warps=adaln_warps(hidden),
+        )
     return out, gate
 
 
@@ -225,13 +262,29 @@ def hybrid_attention(
     query, key, value, key_start = (t.contiguous() for t in (query, key, value, key_start))
     out = torch.empty_like(query) if output is None else output
     packed_rows = q_heads // kv_heads * q_len
-    block_m, block_n, warps, stages = attention_tiles(tactic or attention_tactic(packed_rows),
-                                                      query.dtype == torch.float32)
+    block_m, block_n, warps, stages = attention_tiles(
+        tactic or attention_tactic(packed_rows), query.dtype == torch.float32
+    )
     grid = (triton.cdiv(packed_rows, block_m), batch * kv_heads)
     if out.numel():
-        hybrid_attention_kernel[grid](query, key, value, key_start, q_len, k_len, q_heads, kv_heads, out,
-                                      SCALE=scale, HEAD_DIM=head_dim, BLOCK_D=attention_block_d(head_dim),
-                                      BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        hybrid_attention_kernel[grid](
+            query,
+            key,
+            value,
+            key_start,
+            q_len,
+            k_len,
+            q_heads,
+            kv_heads,
+            out,
+            SCALE=scale,
+            HEAD_DIM=head_dim,
+            BLOCK_D=attention_block_d(head_dim),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=warps,
+            num_stages=stages,
+        )
     return out
 
 

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from haplo.engines.plugins import aot, kernels
+from haplo.errors import HaploError
 
 NAMESPACE = "haplo"
 ADALN_ID = f"{NAMESPACE}::MultimodalAdaLN"
@@ -31,7 +32,7 @@ _FLOAT_TYPES = "FP32|FP16|BF16"  # dependent: all float I/O of one plugin share 
 _registered = False
 
 
-class PluginUnavailable(RuntimeError):
+class PluginUnavailable(HaploError, RuntimeError):
     """tensorrt.plugin cannot be imported."""
 
 
@@ -63,9 +64,15 @@ def _torch_view(trt, tensor) -> torch.Tensor:
     """A device tensor over a plugin I/O buffer (bfloat16 through an int16 view: no array-interface type)."""
     typestr = {trt.float32: "<f4", trt.float16: "<f2", trt.bfloat16: "<i2", trt.int64: "<i8", trt.int32: "<i4"}
     itemsize = int(typestr[tensor.dtype][-1])
-    holder = SimpleNamespace(__cuda_array_interface__={
-        "shape": tuple(tensor.shape), "typestr": typestr[tensor.dtype], "data": (tensor.data_ptr, False),
-        "strides": tuple(s * itemsize for s in tensor.strides), "version": 3})
+    holder = SimpleNamespace(
+        __cuda_array_interface__={
+            "shape": tuple(tensor.shape),
+            "typestr": typestr[tensor.dtype],
+            "data": (tensor.data_ptr, False),
+            "strides": tuple(s * itemsize for s in tensor.strides),
+            "version": 3,
+        }
+    )
     view = torch.as_tensor(holder, device="cuda")
     return view.view(torch.bfloat16) if tensor.dtype == trt.bfloat16 else view
 
@@ -79,8 +86,10 @@ def register_plugins() -> list[str]:
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except Exception as err:  # ImportError, or OSError when the TensorRT libraries are missing
-        raise PluginUnavailable(f"tensorrt.plugin is not importable ({type(err).__name__}: {err}); the haplo "
-                                "plugins need TensorRT >= 10.12 with its libraries (pip install '.[gpu]')") from None
+        raise PluginUnavailable(
+            f"tensorrt.plugin is not importable ({type(err).__name__}: {err}); the haplo "
+            "plugins need TensorRT >= 10.12 with its libraries (pip install '.[gpu]')"
+        ) from None
     _define_adaln(trt, trtp)
     _define_attention(trt, trtp)
     _registered = True
@@ -91,19 +100,46 @@ def _define_adaln(trt, trtp) -> None:
     TD, T = trtp.TensorDesc, trtp.Tensor
 
     @trtp.register(ADALN_ID)
-    def adaln_desc(x: TD, weight: TD, bias: TD, indicator_weight: TD, indicator_bias: TD, ssg_l: TD, ssg_c: TD,
-                   epsilon: float, layernorm: int) -> tuple[TD, TD]:
+    def adaln_desc(
+        x: TD,
+        weight: TD,
+        bias: TD,
+        indicator_weight: TD,
+        indicator_bias: TD,
+        ssg_l: TD,
+        ssg_c: TD,
+        epsilon: float,
+        layernorm: int,
+    ) -> tuple[TD, TD]:
         return x.like(), x.like()  # (modulated, gate)
 
     @trtp.autotune(ADALN_ID)
-    def adaln_autotune(x: TD, weight: TD, bias: TD, indicator_weight: TD, indicator_bias: TD, ssg_l: TD,
-                       ssg_c: TD, outputs: tuple[TD, TD]) -> list[trtp.AutoTuneCombination]:
+    def adaln_autotune(
+        x: TD,
+        weight: TD,
+        bias: TD,
+        indicator_weight: TD,
+        indicator_bias: TD,
+        ssg_l: TD,
+        ssg_c: TD,
+        outputs: tuple[TD, TD],
+    ) -> list[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination(", ".join([_FLOAT_TYPES] * 9), "LINEAR")]
 
     @trtp.aot_impl(ADALN_ID)
-    def adaln_aot(x: TD, weight: TD, bias: TD, indicator_weight: TD, indicator_bias: TD, ssg_l: TD, ssg_c: TD,
-                  epsilon: float, layernorm: int, outputs: tuple[TD, TD], tactic: int
-                  ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
+    def adaln_aot(
+        x: TD,
+        weight: TD,
+        bias: TD,
+        indicator_weight: TD,
+        indicator_bias: TD,
+        ssg_l: TD,
+        ssg_c: TD,
+        epsilon: float,
+        layernorm: int,
+        outputs: tuple[TD, TD],
+        tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         hidden = _static(x, -1, "MultimodalAdaLN: the hidden size")
         kernel = aot.compile_adaln(_triton_dtype(trt, x.dtype), hidden, epsilon, bool(layernorm), target_arch())
         launch = trtp.KernelLaunchParams()
@@ -115,12 +151,27 @@ def _define_adaln(trt, trtp) -> None:
         return kernel.name, kernel.ptx, launch, scalars
 
     @trtp.impl(ADALN_ID)
-    def adaln_impl(x: T, weight: T, bias: T, indicator_weight: T, indicator_bias: T, ssg_l: T, ssg_c: T,
-                   epsilon: float, layernorm: int, outputs: tuple[T, T], stream: int) -> None:
+    def adaln_impl(
+        x: T,
+        weight: T,
+        bias: T,
+        indicator_weight: T,
+        indicator_bias: T,
+        ssg_l: T,
+        ssg_c: T,
+        epsilon: float,
+        layernorm: int,
+        outputs: tuple[T, T],
+        stream: int,
+    ) -> None:
         views = [_torch_view(trt, t) for t in (x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c)]
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            kernels.multimodal_adaln(*views, epsilon, "layernorm" if layernorm else "rmsnorm",
-                                     outputs=tuple(_torch_view(trt, o) for o in outputs))
+            kernels.multimodal_adaln(
+                *views,
+                epsilon,
+                "layernorm" if layernorm else "rmsnorm",
+                outputs=tuple(_torch_view(trt, o) for o in outputs),
+            )
 
 
 def _define_attention(trt, trtp) -> None:
@@ -131,20 +182,23 @@ def _define_attention(trt, trtp) -> None:
         return (query.like(),)
 
     @trtp.autotune(ATTENTION_ID)
-    def attention_autotune(query: TD, key: TD, value: TD, key_start: TD,
-                           outputs: tuple[TD]) -> list[trtp.AutoTuneCombination]:
+    def attention_autotune(
+        query: TD, key: TD, value: TD, key_start: TD, outputs: tuple[TD]
+    ) -> list[trtp.AutoTuneCombination]:
         types = f"{_FLOAT_TYPES}, {_FLOAT_TYPES}, {_FLOAT_TYPES}, INT64*INT32, {_FLOAT_TYPES}"
         return [trtp.AutoTuneCombination(types, "LINEAR", list(kernels.ATTENTION_TILES))]
 
     @trtp.aot_impl(ATTENTION_ID)
-    def attention_aot(query: TD, key: TD, value: TD, key_start: TD, scale: float, outputs: tuple[TD],
-                      tactic: int) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
+    def attention_aot(
+        query: TD, key: TD, value: TD, key_start: TD, scale: float, outputs: tuple[TD], tactic: int
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         q_heads = _static(query, 1, "HybridAttention: the query head count")
         kv_heads = _static(key, 1, "HybridAttention: the KV head count")
         head_dim = _static(query, 3, "HybridAttention: the head size")
         tile = tactic if tactic in kernels.ATTENTION_TILES else 1  # tactic 0: TensorRT's default
-        kernel = aot.compile_attention(_triton_dtype(trt, query.dtype), head_dim, scale, tile,
-                                       _triton_dtype(trt, key_start.dtype), target_arch())
+        kernel = aot.compile_attention(
+            _triton_dtype(trt, query.dtype), head_dim, scale, tile, _triton_dtype(trt, key_start.dtype), target_arch()
+        )
         q_len, k_len = query.shape_expr[2], key.shape_expr[2]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(q_len * (q_heads // kv_heads), kernel.constants["BLOCK_M"])
@@ -157,9 +211,14 @@ def _define_attention(trt, trtp) -> None:
         return kernel.name, kernel.ptx, launch, scalars
 
     @trtp.impl(ATTENTION_ID)
-    def attention_impl(query: T, key: T, value: T, key_start: T, scale: float, outputs: tuple[T], stream: int,
-                       tactic: int) -> None:
+    def attention_impl(
+        query: T, key: T, value: T, key_start: T, scale: float, outputs: tuple[T], stream: int, tactic: int
+    ) -> None:
         views = [_torch_view(trt, t) for t in (query, key, value, key_start)]
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            kernels.hybrid_attention(*views, scale, tactic=tactic if tactic in kernels.ATTENTION_TILES else None,
-                                     output=_torch_view(trt, outputs[0]))
+            kernels.hybrid_attention(
+                *views,
+                scale,
+                tactic=tactic if tactic in kernels.ATTENTION_TILES else None,
+                output=_torch_view(trt, outputs[0]),
+            )

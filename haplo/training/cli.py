@@ -17,8 +17,9 @@ from pathlib import Path
 
 
 def synthetic_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="haplo-train synthetic",
-                                     description="videos of moving coloured shapes with captions (JSONL + mp4)")
+    parser = argparse.ArgumentParser(
+        prog="haplo-train synthetic", description="videos of moving coloured shapes with captions (JSONL + mp4)"
+    )
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"))
     parser.add_argument("--count", type=int, default=32, help="number of videos")
     parser.add_argument("--frames", type=int, default=9)
@@ -29,11 +30,19 @@ def synthetic_parser() -> argparse.ArgumentParser:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="haplo-train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="haplo-train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
-    parser.add_argument("--step", type=int, choices=[1, 2, 3], help="stage 2: 1 pre-connector, 2 post-connector, "
-                        "3 both connectors + post-decoder")
+    parser.add_argument(
+        "--step",
+        type=int,
+        choices=[1, 2, 3],
+        help="stage 2: 1 pre-connector, 2 post-connector, 3 both connectors + post-decoder",
+    )
     parser.add_argument("--config", type=Path, help="YAML file of TrainConfig fields (paper defaults otherwise)")
     parser.add_argument("--data", help="JSONL dataset")
     parser.add_argument("--output-dir")
@@ -44,16 +53,20 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    parser.add_argument("--priors", choices=["random"],
-                        help="stage 1 without prior checkpoints: seeded random CLIP/Qwen2/CogVideoX (demo, tests)")
+    parser.add_argument(
+        "--priors",
+        choices=["random"],
+        help="stage 1 without prior checkpoints: seeded random CLIP/Qwen2/CogVideoX (demo, tests)",
+    )
     parser.add_argument("--seed", type=int)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from haplo.training.config import TrainConfig, TrainConfigError
-    from haplo.training.data import DataError, make_synthetic_dataset
-    from haplo.training.trainer import TrainingError, train
+    from haplo.errors import HaploError
+    from haplo.training.config import TrainConfig
+    from haplo.training.data import make_synthetic_dataset
+    from haplo.training.trainer import train
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -63,20 +76,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path} ({args.count} videos, {2 * args.count} records)")
             return 0
         args = train_parser().parse_args(argv)
-        overrides = {"stage": args.stage, "step": args.step, "data": args.data, "output_dir": args.output_dir,
-                     "checkpoint": args.checkpoint, "resume_from": args.resume_from, "max_steps": args.max_steps,
-                     "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-                     "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
-                     "seed": args.seed, "priors": args.priors}
+        overrides = {
+            "stage": args.stage,
+            "step": args.step,
+            "data": args.data,
+            "output_dir": args.output_dir,
+            "checkpoint": args.checkpoint,
+            "resume_from": args.resume_from,
+            "max_steps": args.max_steps,
+            "learning_rate": args.learning_rate,
+            "batch_size": args.batch_size,
+            "mixed_precision": args.mixed_precision,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "seed": args.seed,
+            "priors": args.priors,
+        }
         if args.config:
             cfg = TrainConfig.from_yaml(args.config, **overrides)
         else:
             cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
         state = train(cfg)
-        print(json.dumps({"steps": state["step"], "first_loss": state["losses"][0] if state["losses"] else None,
-                          "last_loss": state["losses"][-1] if state["losses"] else None,
-                          "checkpoints": state["checkpoints"][-1:]}))
-    except (TrainConfigError, DataError, TrainingError) as err:
+        print(
+            json.dumps(
+                {
+                    "steps": state["step"],
+                    "first_loss": state["losses"][0] if state["losses"] else None,
+                    "last_loss": state["losses"][-1] if state["losses"] else None,
+                    "checkpoints": state["checkpoints"][-1:],
+                }
+            )
+        )
+    except HaploError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

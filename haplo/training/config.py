@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from haplo.errors import HaploError
+
 # Appendix A.3. The batch size is the number of examples per optimiser step (micro-batches of one,
 # accumulated); warmup is in optimiser steps.
 PAPER_DEFAULTS = {
@@ -18,7 +20,7 @@ PAPER_DEFAULTS = {
 }
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(HaploError, ValueError):
     pass
 
 

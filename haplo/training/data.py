@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from haplo.artifacts import check_output_dir
+from haplo.errors import HaploError
 from haplo.video import write_video
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
@@ -28,7 +30,7 @@ SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
-class DataError(ValueError):
+class DataError(HaploError, ValueError):
     pass
 
 
@@ -44,8 +46,9 @@ def _draw(frame: np.ndarray, shape: str, colour, cx: float, cy: float, radius: i
     frame[mask] = colour
 
 
-def moving_shape_video(shape: str, colour: str, direction: str, frames: int, height: int, width: int,
-                       seed: int = 0) -> np.ndarray:
+def moving_shape_video(
+    shape: str, colour: str, direction: str, frames: int, height: int, width: int, seed: int = 0
+) -> np.ndarray:
     """[frames, H, W, 3] uint8: one shape crossing a plain background in one direction."""
     rng = np.random.default_rng(seed)
     radius = max(3, min(height, width) // 8)
@@ -61,11 +64,21 @@ def moving_shape_video(shape: str, colour: str, direction: str, frames: int, hei
     return video
 
 
-def make_synthetic_dataset(out: str | Path, count: int, frames: int, height: int, width: int,
-                           seed: int = 0) -> Path:
+def _is_synthetic_dataset(root: Path) -> bool:
+    others = [p for p in root.iterdir() if p.name not in ("data.jsonl", "videos")]
+    videos = root / "videos"
+    return (
+        (root / "data.jsonl").is_file()
+        and not others
+        and (not videos.exists() or all(p.suffix == ".mp4" for p in videos.iterdir()))
+    )
+
+
+def make_synthetic_dataset(out: str | Path, count: int, frames: int, height: int, width: int, seed: int = 0) -> Path:
     """Write `count` videos (mp4) and a data.jsonl with one understanding and one generation record
-    per video. Returns the JSONL path."""
+    per video. Returns the JSONL path. `out` must be new, empty, or a dataset this function wrote."""
     out = Path(out)
+    check_output_dir(out, _is_synthetic_dataset, "synthetic dataset")
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     records = []
@@ -76,9 +89,16 @@ def make_synthetic_dataset(out: str | Path, count: int, frames: int, height: int
         path = write_video(video, out / "videos" / f"{i:05d}.mp4", fps=8)
         caption = f"A {colour} {shape} moves {'to the ' if direction in ('left', 'right') else ''}{direction}."
         rel = path.relative_to(out).as_posix()
-        records.append({"type": "understanding", "video": rel, "conversations": [
-            {"role": "user", "content": "<video>\nWhat moves in the video, and in which direction?"},
-            {"role": "assistant", "content": caption}]})
+        records.append(
+            {
+                "type": "understanding",
+                "video": rel,
+                "conversations": [
+                    {"role": "user", "content": "<video>\nWhat moves in the video, and in which direction?"},
+                    {"role": "assistant", "content": caption},
+                ],
+            }
+        )
         records.append({"type": "generation", "video": rel, "caption": caption})
     jsonl = out / "data.jsonl"
     staged = out / ".data.jsonl.tmp"
@@ -132,8 +152,7 @@ def understanding_example(processor, record: dict, video_frames: int) -> dict[st
         frames = load_frames(record)
         picks = np.linspace(0, len(frames) - 1, num=min(video_frames, len(frames))).round().astype(int)
         videos = [frames[picks]]
-    full = processor(conversations=[conversation], images=images or None, videos=videos,
-                     add_generation_prompt=False)
+    full = processor(conversations=[conversation], images=images or None, videos=videos, add_generation_prompt=False)
     prefix = processor(conversations=[prompt], images=images or None, videos=videos, add_generation_prompt=True)
     labels = full["input_ids"].clone()
     labels[:, : prefix["input_ids"].shape[1]] = -100

@@ -1,12 +1,12 @@
 """What each stage trains and with which loss (paper section 3.3, appendix A.3, Tables 10-11).
 
-    stage 1 (multimodal warmup): pre-decoder  <- identity on text + L2/cosine to CLIP-ViT on images
-                                 post-decoder <- identity on text + L2/cosine to CogVideoX on noisy latents
-                                 (base frozen)
-    stage 2 step 1: pre-connector, next-token prediction
-    stage 2 step 2: post-connector (+ the new latent -> pre-width projector), diffusion loss (v-prediction)
-    stage 2 step 3: pre-connector + post-connector + post-decoder, diffusion loss, end to end
-    stage 3:        everything, next-token prediction + diffusion loss on mixed batches
+stage 1 (multimodal warmup): pre-decoder  <- identity on text + L2/cosine to CLIP-ViT on images
+                             post-decoder <- identity on text + L2/cosine to CogVideoX on noisy latents
+                             (base frozen)
+stage 2 step 1: pre-connector, next-token prediction
+stage 2 step 2: post-connector (+ the new latent -> pre-width projector), diffusion loss (v-prediction)
+stage 2 step 3: pre-connector + post-connector + post-decoder, diffusion loss, end to end
+stage 3:        everything, next-token prediction + diffusion loss on mixed batches
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def trainable_patterns(model, stage: int, step: int | None) -> dict[str, list[st
     if stage == 1:
         return {"pre": pre_decoder, "post": post_decoder}
     if stage == 2:
-        return {1: {"pre_connector": [r"model\.pre_connector\."]},
-                2: {"post_connector": post_connector},
-                3: {"connectors_and_post": [r"model\.pre_connector\."] + post_connector + post_decoder}}[step]
+        return {
+            1: {"pre_connector": [r"model\.pre_connector\."]},
+            2: {"post_connector": post_connector},
+            3: {"connectors_and_post": [r"model\.pre_connector\."] + post_connector + post_decoder},
+        }[step]
     return {"all": [r".*"]}
 
 
@@ -58,13 +60,18 @@ def select_parameters(model, stage: int, step: int | None) -> dict[str, list[tor
 
 # -- losses ---------------------------------------------------------------------------------------
 
+
 def next_token_loss(model, batch: dict) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                attention_start_ids=batch.get("attention_start_ids"), pixel_values=batch.get("pixel_values"),
-                image_sizes=batch.get("image_sizes"), pixel_values_videos=batch.get("pixel_values_videos"))
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        attention_start_ids=batch.get("attention_start_ids"),
+        pixel_values=batch.get("pixel_values"),
+        image_sizes=batch.get("image_sizes"),
+        pixel_values_videos=batch.get("pixel_values_videos"),
+    )
     logits = out.logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
 
 
 def noisy_latents(scheduler, latents: torch.Tensor, generator: torch.Generator):
@@ -109,8 +116,9 @@ def pre_warmup_loss(model, clip_teacher, batch: dict, weights=(1.0, 1.0, 1.0)) -
     out = _run_layers(model, "pre", model.model.pre_norm(torch.cat([text, image], 1)), positions, key_start)
     with torch.no_grad():
         target = clip_teacher(pixel_values=tile).last_hidden_state[:, 1:]
-    return weights[0] * F.mse_loss(out[:, :lt].float(), text.detach().float()) + _distill(out[:, lt:], target,
-                                                                                         weights[1], weights[2])
+    return weights[0] * F.mse_loss(out[:, :lt].float(), text.detach().float()) + _distill(
+        out[:, lt:], target, weights[1], weights[2]
+    )
 
 
 class CogVideoXTeacher:
@@ -127,15 +135,16 @@ class CogVideoXTeacher:
         cfg = self.transformer.config  # its position table expects exactly max_text_seq_length text rows
         text = torch.zeros(latents.shape[0], cfg.max_text_seq_length, cfg.text_embed_dim, dtype=latents.dtype)
         self.transformer(hidden_states=latents, encoder_hidden_states=text, timestep=timestep)
-        return self.captured[:, -self._tokens(latents):]
+        return self.captured[:, -self._tokens(latents) :]
 
     def _tokens(self, latents):
         p = self.transformer.config.patch_size
         return latents.shape[1] * (latents.shape[3] // p) * (latents.shape[4] // p)
 
 
-def post_warmup_loss(model, cog_teacher: CogVideoXTeacher, scheduler, batch: dict, generator: torch.Generator,
-                     weights=(1.0, 1.0, 1.0)) -> torch.Tensor:
+def post_warmup_loss(
+    model, cog_teacher: CogVideoXTeacher, scheduler, batch: dict, generator: torch.Generator, weights=(1.0, 1.0, 1.0)
+) -> torch.Tensor:
     """[caption states, timestep token, noisy latent tokens] through the post layers, CogVideoX-style.
 
     The caption reaches the post-decoder as it will in the full model (embeddings -> pre -> base ->
@@ -154,6 +163,7 @@ def post_warmup_loss(model, cog_teacher: CogVideoXTeacher, scheduler, batch: dic
     key_start, position_ids = generation_positions(mask, latent_tokens.shape[1])
     out = _run_layers(model, "post", torch.cat([text, time_token, latent_tokens], 1), position_ids, key_start)
     target = cog_teacher(x_t, t)
-    latent_out = model.norm_final(out[:, -latent_tokens.shape[1]:])
-    return weights[0] * F.mse_loss(out[:, :ids.shape[1]].float(), text.float()) + _distill(latent_out, target,
-                                                                                          weights[1], weights[2])
+    latent_out = model.norm_final(out[:, -latent_tokens.shape[1] :])
+    return weights[0] * F.mse_loss(out[:, : ids.shape[1]].float(), text.float()) + _distill(
+        latent_out, target, weights[1], weights[2]
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from haplo.artifacts import STAGING_MARKER, discard_staging, swap_into_place
+from haplo.errors import HaploError
 from haplo.training import stages
 from haplo.training.config import TrainConfig
 from haplo.training.data import encode_video_latents, load_frames, read_jsonl, understanding_example
@@ -26,7 +27,7 @@ from haplo.training.data import encode_video_latents, load_frames, read_jsonl, u
 STATE_FILE = "trainer_state.json"
 
 
-class TrainingError(ValueError):
+class TrainingError(HaploError, ValueError):
     pass
 
 
@@ -82,8 +83,10 @@ class Examples:
             needed = [k for k in ("understanding", "generation") if getattr(self, k)]
         for kind in needed:
             if not getattr(self, kind):
-                raise TrainingError(f"{self.cfg.data}: stage {stage}{'' if step is None else f' step {step}'} needs "
-                                    f"{kind} records and the file has none")
+                raise TrainingError(
+                    f"{self.cfg.data}: stage {stage}{'' if step is None else f' step {step}'} needs "
+                    f"{kind} records and the file has none"
+                )
         return needed
 
     def latents(self, index: int) -> torch.Tensor:
@@ -98,8 +101,11 @@ class Examples:
     def generation_batch(self, index: int) -> dict:
         record = self.records[index]
         encoded = self.processor.tokenizer([record["caption"]], return_tensors="pt", add_special_tokens=False)
-        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
-                 "latents": self.latents(index)}
+        batch = {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "latents": self.latents(index),
+        }
         frame = load_frames(record, "video" if record.get("video") else "image")[0]
         batch["tile"] = torch.from_numpy(self.processor.video_frames([frame]))  # [1, 3, S, S]
         return batch
@@ -134,14 +140,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     if cfg.resume_from:
         state = json.loads((Path(cfg.resume_from) / STATE_FILE).read_text())
         if state.get("stage") != cfg.stage or state.get("step_of_stage") != cfg.step:
-            raise TrainingError(f"{cfg.resume_from} is a stage {state.get('stage')} checkpoint; resume it with the "
-                                "same --stage/--step")
+            raise TrainingError(
+                f"{cfg.resume_from} is a stage {state.get('stage')} checkpoint; resume it with the same --stage/--step"
+            )
     clip = qwen = cog = None
     if cfg.stage == 1:
         clip, qwen, cog = load_priors(cfg, config)
         if clip is None or cog is None:
-            raise TrainingError("stage 1 distils from CLIP-ViT and CogVideoX: set clip/cogvideox directories in "
-                                "the config, or priors: random for a demo")
+            raise TrainingError(
+                "stage 1 distils from CLIP-ViT and CogVideoX: set clip/cogvideox directories in "
+                "the config, or priors: random for a demo"
+            )
         if not cfg.resume_from and not cfg.checkpoint:
             from haplo.priors import init_from_priors
 
@@ -161,7 +170,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     lrs = {"post": cfg.post_learning_rate}
     optimizer = torch.optim.AdamW(
         [{"params": params, "lr": lrs.get(name) or cfg.learning_rate, "name": name} for name, params in groups.items()],
-        betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        betas=cfg.adam_betas,
+        weight_decay=cfg.weight_decay,
+    )
     warmup = max(cfg.warmup_steps, 0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model.train()
@@ -181,8 +192,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
             return stages.next_token_loss(model, examples.understanding_batch(index))
         batch = examples.generation_batch(index)
         if cfg.stage == 1:
-            return (stages.pre_warmup_loss(raw, clip_teacher, batch, cfg.pre_loss_weights)
-                    + stages.post_warmup_loss(raw, cog_teacher, scheduler, batch, generator, cfg.post_loss_weights))
+            return stages.pre_warmup_loss(raw, clip_teacher, batch, cfg.pre_loss_weights) + stages.post_warmup_loss(
+                raw, cog_teacher, scheduler, batch, generator, cfg.post_loss_weights
+            )
         return stages.diffusion_loss(raw, scheduler, batch, generator)
 
     def probe_loss() -> float:
@@ -195,8 +207,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     state.setdefault("probe_loss", {})
     if not cfg.resume_from:
         state["probe_loss"]["before"] = probe_loss()
-    bar = tqdm(range(start, cfg.max_steps), desc=f"stage {cfg.stage}" + (f".{cfg.step}" if cfg.step else ""),
-               disable=not accelerator.is_local_main_process, initial=start, total=cfg.max_steps)
+    bar = tqdm(
+        range(start, cfg.max_steps),
+        desc=f"stage {cfg.stage}" + (f".{cfg.step}" if cfg.step else ""),
+        disable=not accelerator.is_local_main_process,
+        initial=start,
+        total=cfg.max_steps,
+    )
     for step in bar:
         total = 0.0
         for micro in range(cfg.batch_size):
@@ -227,22 +244,33 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
 
 
 def save_checkpoint(accelerator, model, tokenizer, vae, cfg: TrainConfig, state: dict, path: Path) -> Path:
-    """Hugging Face layout (config.json, model.safetensors, tokenizer, vae/) + optimiser state, atomically."""
+    """Hugging Face layout (config.json, model.safetensors, tokenizer, vae/) + optimiser state, staged
+    beside `path` and swapped in atomically; a `path` this trainer did not write is refused."""
     accelerator.wait_for_everyone()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # one name every process agrees on
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if path.exists() and not (path / STATE_FILE).is_file():
+            raise TrainingError(
+                f"{path} exists and is not a checkpoint this trainer wrote; choose another "
+                "--output-dir (nothing was replaced)"
+            )
+        if tmp.exists() and not (tmp / STAGING_MARKER).exists():
+            raise TrainingError(
+                f"{tmp} exists and was not made by this trainer; remove it or choose another --output-dir"
+            )
+        discard_staging(tmp)  # a killed run's
         tmp.mkdir(parents=True)
+        (tmp / STAGING_MARKER).write_text(json.dumps({"pid": os.getpid()}))
         accelerator.unwrap_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(str(tmp))
         vae.save_pretrained(str(tmp / "vae"))
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "state"))
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "stage": cfg.stage, "step_of_stage": cfg.step,
-                                                  "config": cfg.to_dict()}, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        (tmp / STATE_FILE).write_text(
+            json.dumps({**state, "stage": cfg.stage, "step_of_stage": cfg.step, "config": cfg.to_dict()}, indent=2)
+            + "\n"
+        )
+        swap_into_place(tmp, path)
     accelerator.wait_for_everyone()
     return path
