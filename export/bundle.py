@@ -251,6 +251,7 @@ def build_bundle(model, vae, tokenizer, options: BuildOptions, log: Callable[[st
                 log,
             )
         _write_manifest(tmp, manifest)
+        check_output(out)  # again: the build took minutes, and `out` may have changed meanwhile
         swap_into_place(tmp, out)
         return manifest
     except BaseException:

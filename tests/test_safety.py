@@ -175,3 +175,25 @@ def test_synthetic_dataset_is_not_written_over_a_users_data(tmp_path, capsys):
     assert train_main(["synthetic", "--out", str(tmp_path / "data"), "--count", "1"]) == 2
     assert "not a synthetic dataset made by this tool" in capsys.readouterr().err
     assert (tmp_path / "data" / "data.jsonl").read_text() == '{"mine": true}\n'
+
+
+@pytest.mark.slow
+def test_a_file_put_in_the_target_during_the_build_is_kept(tmp_path):
+    from haplo.config import preset
+    from haplo.export.bundle import BuildOptions, build_bundle
+    from haplo.modeling import HaploOmniForConditionalGeneration
+    from haplo.tokenizer import build_tokenizer
+
+    config = preset("tiny")
+    out = tmp_path / "bundle"
+
+    def log(line):  # the user creates the directory while the graphs export
+        if line.startswith("[3/"):
+            out.mkdir()
+            (out / "results.csv").write_text("mine")
+
+    model = HaploOmniForConditionalGeneration.from_config(config, seed=0)
+    with pytest.raises(OutputError, match="not a bundle made by this tool"):
+        build_bundle(model, None, build_tokenizer(config), BuildOptions(out=out, check_steps=2), log=log)
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # staging discarded
