@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from haplo.engines.bundle import write_atomic
+from haplo.artifacts import write_atomic
 from haplo.errors import HaploError
 
 SCHEMA = "haplo-bench/1"

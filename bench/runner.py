@@ -8,7 +8,6 @@ the scaling sweeps, under a resident-memory sampler. Ratios are against torch ea
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from haplo.artifacts import check_output_dir, write_atomic
+from haplo.artifacts import check_output_dir, indexed_dir, write_atomic
 from haplo.bench import report, workloads
 from haplo.bench.roofline import bundle_decode_weight_bytes, memory_bandwidth_gbs, roofline, torch_decode_weight_bytes
 from haplo.bench.timing import PeakRSS, TimedBackend, gpu_peak_memory_mib
@@ -60,18 +59,13 @@ class BenchError(HaploError, ValueError):
     pass
 
 
-def _is_results_dir(root: Path) -> bool:
-    try:
-        schema = json.loads((root / "results.json").read_text()).get("schema")
-    except (OSError, ValueError, AttributeError):
-        return False
-    others = [p for p in root.iterdir() if p.name not in ("results.json", "table.txt")]
-    return schema == report.SCHEMA and all(p.is_file() and p.suffix == ".png" for p in others)
-
-
 def check_output(out: Path) -> None:
     """Refuse a results directory this command did not write."""
-    check_output_dir(out, _is_results_dir, "benchmark results directory")
+    check_output_dir(
+        out,
+        lambda d: indexed_dir(d, "results.json", "schema", report.SCHEMA, ("table.txt",), ".png"),
+        "benchmark results directory",
+    )
 
 
 def machine_info() -> dict:

@@ -70,8 +70,7 @@ class GraphBackend(Backend):
                 "--vae DIR to decode videos"
             )
         built = self.bundle.manifest["vae"]
-        frames, channels, h, w = latent_shape
-        if [channels, frames, h, w] != self.bundle.graphs["vae_decoder"]["inputs"][0]["shape"][1:]:
+        if list(latent_shape) != built["latent_shape"]:
             f, height, width = built["video"]
             raise RequestError(
                 f"the bundle's VAE graph decodes {f} frames of {height}x{width} only; ask for "

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from haplo.engines.bundle import sha256_file, write_atomic
+from haplo.artifacts import sha256_file, write_atomic
 from haplo.engines.graph_backend import STAGE_GRAPHS, GraphBackend
 from haplo.errors import HaploError
 

@@ -85,6 +85,21 @@ def check_output_dir(out: Path, owned: Callable[[Path], bool], what: str, flag: 
         )
 
 
+def indexed_dir(root: Path, index: str, field: str, value: str, names: tuple[str, ...] = (), suffix: str = "") -> bool:
+    """A directory one of the tool's commands wrote: a JSON `index` whose `field` is `value`, and
+    besides it only files named in `names` or ending in `suffix`."""
+    try:
+        doc = json.loads((Path(root) / index).read_text())
+    except (OSError, ValueError):
+        return False
+    others = [p for p in Path(root).iterdir() if p.name not in (index, *names)]
+    return (
+        isinstance(doc, dict)
+        and doc.get(field) == value
+        and all(p.is_file() and bool(suffix) and p.suffix == suffix for p in others)
+    )
+
+
 def foreign_files(root: Path, known: set[str]) -> list[str]:
     """Files under `root` (relative POSIX paths) that are not in `known`: a user's additions."""
     return sorted(

@@ -31,7 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from haplo.artifacts import check_output_dir, write_atomic
+from haplo.artifacts import check_output_dir, indexed_dir, write_atomic
 from haplo.engines.plugins import kernels
 from haplo.errors import HaploError
 
@@ -269,18 +269,11 @@ def variants_for_config(config, arch: int = DEFAULT_ARCH, dtypes: Iterable[str] 
     return variants
 
 
-def _is_kernels_dir(root: Path) -> bool:
-    try:
-        index = json.loads((root / INDEX_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    others = [p for p in root.iterdir() if p.name != INDEX_NAME]
-    return index.get("format") == INDEX_FORMAT and all(p.is_file() and p.suffix == ".ptx" for p in others)
-
-
 def check_output(out_dir: Path) -> None:
     """Refuse an output directory this command did not write (a file, or other files inside)."""
-    check_output_dir(out_dir, _is_kernels_dir, "kernels directory")
+    check_output_dir(
+        out_dir, lambda d: indexed_dir(d, INDEX_NAME, "format", INDEX_FORMAT, suffix=".ptx"), "kernels directory"
+    )
 
 
 def compile_for_config(
