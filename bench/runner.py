@@ -106,7 +106,7 @@ class CompiledTorchBackend:
 
     @staticmethod
     def wrap(model, vae):
-        from haplo.backend import TorchBackend
+        from haplo.runtime.torch_backend import TorchBackend
 
         backend = TorchBackend(model, vae)
         backend.name = "torch-compile"
@@ -132,11 +132,11 @@ class CompiledTorchBackend:
 
 def _load_reference(options: BenchOptions):
     """(model, vae, tokenizer, name) from a checkpoint, a preset, or the source a bundle records."""
-    from haplo.config import preset
-    from haplo.engines.bundle import Bundle
-    from haplo.modeling import HaploOmniForConditionalGeneration
-    from haplo.tokenizer import build_tokenizer, load_tokenizer
-    from haplo.vae import vae_for_checkpoint
+    from haplo.bundle import Bundle
+    from haplo.model.config import preset
+    from haplo.model.modeling import HaploOmniForConditionalGeneration
+    from haplo.model.tokenizer import build_tokenizer, load_tokenizer
+    from haplo.model.vae import vae_for_checkpoint
 
     checkpoint, preset_name, seed = options.checkpoint, options.preset, options.seed
     if options.bundle is not None:
@@ -162,8 +162,9 @@ def _load_reference(options: BenchOptions):
 
 
 def _bundle_for(precision: str, options: BenchOptions, model, vae, tokenizer, name: str, log):
-    from haplo.engines.bundle import Bundle
-    from haplo.export.bundle import BuildOptions, build_bundle
+    from haplo.bundle import Bundle
+    from haplo.engines.bundle_engines import BundleEngines
+    from haplo.export.build import BuildOptions, build_bundle
 
     if options.bundle is not None:
         bundle = Bundle.open(options.bundle)
@@ -181,13 +182,15 @@ def _bundle_for(precision: str, options: BenchOptions, model, vae, tokenizer, na
         "name": name,
     }
     log(f"bundle {precision}: {out} (graphs reused when unchanged)")
-    build_bundle(model, vae, tokenizer, BuildOptions(out=out, precision=precision, source=source), log=log)
+    build_bundle(
+        model, vae, tokenizer, BuildOptions(out=out, precision=precision, source=source), BundleEngines(), log=log
+    )
     return Bundle.open(out)
 
 
 def _make_backend(kind: str, precision: str, model, vae, bundle, threads: int):
     if kind == "torch":
-        from haplo.backend import TorchBackend
+        from haplo.runtime.torch_backend import TorchBackend
 
         return TorchBackend(model, vae)
     if kind == "torch-compile":
@@ -231,8 +234,8 @@ def _ratios(entry: dict, base: dict) -> dict:
 def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = None) -> dict:
     """Run everything; returns the result document (see `report.validate`)."""
     from haplo.engines.tensorrt import tensorrt_status
-    from haplo.export.bundle import library_versions
-    from haplo.processor import HaploOmniProcessor
+    from haplo.export.build import library_versions
+    from haplo.model.processor import HaploOmniProcessor
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     pairs = variants(options)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import psutil
 
-from haplo.backend import Backend
+from haplo.runtime.backend import Backend
 
 
 def stats(samples_s: list[float]) -> dict:

@@ -2,7 +2,7 @@
 
 Understanding: TTFT (embed + prefill + first token), TPOT (one decode step through every stage and
 the LM head), tokens/s. Generation: one guided DDIM step with and without the text-prefix reuse,
-the prefix encode, the VAE decode, end to end. All through `haplo.runtime`, so every backend runs
+the prefix encode, the VAE decode, end to end. All through `haplo.runtime` (decoding, ddim), so every backend runs
 exactly the schedule users run.
 """
 
@@ -13,9 +13,9 @@ import time
 import torch
 
 from haplo.bench.timing import TimedBackend, stats
-from haplo.config import HaploOmniConfig
-from haplo.pipeline import make_scheduler
-from haplo.runtime import DecodeState, denoise, embed_understanding, encode_prompt, forward_tokens, predict_v
+from haplo.model.config import HaploOmniConfig
+from haplo.runtime.ddim import denoise, encode_prompt, make_scheduler, predict_v
+from haplo.runtime.decoding import DecodeState, embed_understanding, forward_tokens
 
 
 def random_prompt(config: HaploOmniConfig, length: int, batch: int = 1, seed: int = 0) -> dict:

@@ -11,12 +11,10 @@ from abc import abstractmethod
 import torch
 from safetensors.torch import load_file
 
-from haplo import vision
-from haplo.backend import Backend
-from haplo.engines.bundle import Bundle
+from haplo.bundle import Bundle
 from haplo.errors import RequestError
-
-STAGE_GRAPHS = {"pre": "pre_decoder", "base": "base_decoder", "post": "post_decoder"}
+from haplo.model import vision
+from haplo.runtime.backend import Backend
 
 
 class GraphBackend(Backend):

@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from haplo.bundle import STAGE_GRAPHS, Bundle, BundleError
 from haplo.cpuinfo import cpu_info
-from haplo.engines.bundle import Bundle, BundleError
-from haplo.engines.graph_backend import STAGE_GRAPHS, GraphBackend
+from haplo.engines.graph_backend import GraphBackend
 
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 

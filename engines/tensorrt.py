@@ -19,7 +19,8 @@ import onnx
 import torch
 
 from haplo.artifacts import sha256_file, write_atomic
-from haplo.engines.graph_backend import STAGE_GRAPHS, GraphBackend
+from haplo.bundle import STAGE_GRAPHS
+from haplo.engines.graph_backend import GraphBackend
 from haplo.errors import HaploError
 
 PLUGIN_NAMESPACE = "haplo"
@@ -180,7 +181,7 @@ class EngineMetadata:
 
 
 @dataclass
-class BuildOptions:
+class EngineOptions:
     workspace_bytes: int = 8 << 30
     optimization_level: int = 3
     timing_cache: Path | None = None
@@ -193,7 +194,7 @@ def build_engine(
     plan_path: Path,
     profiles: dict[str, dict[str, list]],
     precision: str,
-    options: BuildOptions,
+    options: EngineOptions,
     logger=None,
 ) -> EngineMetadata:
     """Parse one graph (plugins swapped in), build it with the given profiles, write plan + sidecar.
@@ -409,7 +410,7 @@ def graph_profiles(entry: dict, ranges: ShapeRanges) -> dict[str, dict[str, tupl
     }
 
 
-def build_bundle_engines(root: Path, manifest: dict, ranges: ShapeRanges, options: BuildOptions, log=print) -> dict:
+def build_bundle_engines(root: Path, manifest: dict, ranges: ShapeRanges, options: EngineOptions, log=print) -> dict:
     """Build one engine per graph of a (temporary) bundle directory; returns the manifest's `engines`."""
     trt = _require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -454,7 +455,7 @@ class TensorRTBackend(GraphBackend):
         super().__init__(bundle)
         _require_tensorrt()
         if not self.bundle.manifest.get("engines"):
-            from haplo.engines.bundle import BundleError
+            from haplo.bundle import BundleError
 
             raise BundleError(
                 f"{self.bundle.root}: the bundle has no TensorRT engines; build it with "
@@ -476,7 +477,7 @@ class TensorRTBackend(GraphBackend):
                 profiles = {
                     p: {n: tuple(tuple(s) for s in v) for n, v in shapes.items()} for p, shapes in meta.profiles.items()
                 }
-                build_engine(graph, source, plan, profiles, meta.precision, BuildOptions(refit=meta.refittable))
+                build_engine(graph, source, plan, profiles, meta.precision, EngineOptions(refit=meta.refittable))
             self.runners[graph] = EngineRunner(plan, cuda_graphs=self.cuda_graphs)
         return self.runners[graph]
 

@@ -21,7 +21,7 @@ import torch
 from onnx.defs import OpSchema
 from onnxscript import opset20 as op
 
-from haplo import ops
+from haplo.model import ops
 
 DOMAIN = "haplo"
 DOMAIN_VERSION = 1

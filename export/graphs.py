@@ -1,4 +1,4 @@
-"""The model cut into ONNX graphs, one per piece the runtime drives (see `haplo.backend.Backend`).
+"""The model cut into ONNX graphs, one per piece the runtime drives (see `haplo.runtime.backend.Backend`).
 
     embed_text        input_ids                                  -> inputs_embeds
     embed_vision      pixel_values                               -> patch_features
@@ -26,6 +26,7 @@ import onnx
 import torch
 from torch import nn
 
+from haplo.bundle import STAGE_GRAPHS
 from haplo.export.custom_ops import TRANSLATIONS, attach_functions, routed_to_custom_ops
 
 # Opset 20: what the dynamo exporter targets natively (no version conversion pass), supported by
@@ -34,7 +35,6 @@ from haplo.export.custom_ops import TRANSLATIONS, attach_functions, routed_to_cu
 OPSET = 20
 # IR 10 is read by every ONNX Runtime and TensorRT parser we support (onnx 1.23 would write 14).
 IR_VERSION = 10
-STAGE_GRAPHS = {"pre": "pre_decoder", "base": "base_decoder", "post": "post_decoder"}
 
 
 @dataclass

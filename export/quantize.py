@@ -147,7 +147,8 @@ def run_pipeline(
 ) -> None:
     """The real pipeline on `backend`: understanding prompts with an image (prefill + greedy decode)
     and guided DDIM over several timesteps. Calibration and accuracy both drive it."""
-    from haplo.runtime import denoise, understand
+    from haplo.runtime.ddim import denoise
+    from haplo.runtime.decoding import understand
 
     questions, captions = calibration_prompts()
     for i, question in enumerate(questions):
@@ -163,7 +164,7 @@ def run_pipeline(
 
 def calibrate(model, processor, latent_shape: tuple, seed: int = 0) -> dict[str, list[float]]:
     """Input range [min, max] of every nn.Linear over the calibration pipeline run."""
-    from haplo.backend import TorchBackend
+    from haplo.runtime.torch_backend import TorchBackend
 
     recorder = RangeRecorder(model)
     try:
@@ -213,7 +214,7 @@ def evaluation_feeds(
     model, processor, latent_shape: tuple, stage_layers: dict[str, list[int]], count: int = 8
 ) -> dict[str, list[dict[str, np.ndarray]]]:
     """Inputs each decoder graph sees on held-out prompts (another seed than calibration)."""
-    from haplo.backend import TorchBackend
+    from haplo.runtime.torch_backend import TorchBackend
 
     recorder = RecordingBackend(TorchBackend(model), stage_layers)
     run_pipeline(recorder, processor, latent_shape, seed=1, decode_steps=4, ddim_steps=2)

@@ -14,10 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from haplo.backend import Backend
 from haplo.errors import HaploError
 from haplo.export.graphs import GraphSpec
-from haplo.runtime import DecodeState, denoise, embed_understanding, forward_tokens, understand
+from haplo.runtime.backend import Backend
+from haplo.runtime.ddim import denoise
+from haplo.runtime.decoding import DecodeState, embed_understanding, forward_tokens, understand
 
 
 @dataclass
@@ -59,14 +60,17 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> dict:
     }
 
 
-def validate_graph(
-    spec: GraphSpec, onnx_path, tolerances: Tolerances, options: ort.SessionOptions | None = None
-) -> dict:
+def cpu_session(onnx_path, optimization: str = "ORT_ENABLE_ALL") -> ort.InferenceSession:
+    """A one-shot CPU session for a check: no memory arena, so a large graph's buffers go back to the OS."""
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena, options.enable_mem_pattern, options.log_severity_level = False, False, 3
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def validate_graph(spec: GraphSpec, onnx_path, tolerances: Tolerances) -> dict:
     """Run one exported graph in ONNX Runtime against its torch module on both samples."""
-    if options is None:  # one-shot runs: no arena, so a large graph's buffers go back to the OS
-        options = ort.SessionOptions()
-        options.enable_cpu_mem_arena, options.enable_mem_pattern, options.log_severity_level = False, False, 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path)
     problems = []
     names = [o.name for o in session.get_outputs()]
     if names != spec.outputs:

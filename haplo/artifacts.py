@@ -13,6 +13,7 @@ it, or a path whose parent cannot be created.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -20,7 +21,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from haplo.errors import OutputError
@@ -36,17 +37,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A hidden name beside `path` (same suffix) to write to; renamed over `path` when the block ends
+    without error, removed when it fails. Readers see the old file or the new one, never a part."""
+    path = Path(path)
+    staged = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield staged
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, data: bytes | str) -> Path:
     """Write a file so that readers see the old content or the new one, never a part of it."""
-    path = Path(path)
-    staged = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as staged:
         staged.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(staged, path)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def creatable_parent(path: Path) -> Path | None:

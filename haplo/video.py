@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+
+from haplo.artifacts import atomic_path
 
 
 def to_uint8_frames(video) -> np.ndarray:
@@ -23,11 +24,10 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     if suffix not in (".mp4", ".gif"):
         raise ValueError(f"{path}: unsupported video format {suffix!r}; use .mp4 or .gif")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{suffix}")
-    if suffix == ".mp4":
-        # macro_block_size=1: keep the exact frame size instead of padding to multiples of 16
-        iio.imwrite(tmp, frames, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1)
-    else:
-        iio.imwrite(tmp, frames, duration=1000 / fps, loop=0)
-    os.replace(tmp, path)
+    with atomic_path(path) as staged:
+        if suffix == ".mp4":
+            # macro_block_size=1: keep the exact frame size instead of padding to multiples of 16
+            iio.imwrite(staged, frames, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1)
+        else:
+            iio.imwrite(staged, frames, duration=1000 / fps, loop=0)
     return path

@@ -53,7 +53,7 @@ def trt_plugin(monkeypatch):
 @pytest.fixture(scope="session")
 def cli_bundle(tmp_path_factory):
     """The README's main command: the default (tiny) bundle, built once through the CLI."""
-    from haplo.cli import main
+    from haplo.commands.main import main
 
     out = tmp_path_factory.mktemp("cli") / "tiny"
     assert main(["build", "--out", str(out)]) == 0

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from haplo.bench.report import SchemaError, validate
-from haplo.cli import main
+from haplo.commands.main import main
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from haplo.cli import main
+from haplo.commands.main import main
 
 FIXTURE_CKPT = Path(__file__).parent / "fixtures" / "tiny-a" / "checkpoint"
 

@@ -13,16 +13,18 @@ import onnx
 import pytest
 import torch
 
-from haplo.backend import TorchBackend
-from haplo.engines.bundle import Bundle, BundleError
+from haplo.bundle import Bundle, BundleError
+from haplo.engines.bundle_engines import BundleEngines
 from haplo.engines.onnxruntime import OrtBackend
-from haplo.export.bundle import BuildOptions, build_bundle
+from haplo.export.build import BuildOptions, build_bundle
 from haplo.export.graphs import export_graph, graph_specs
-from haplo.modeling import HaploOmniForConditionalGeneration
-from haplo.processor import HaploOmniProcessor
-from haplo.runtime import denoise, understand
-from haplo.tokenizer import build_tokenizer
-from haplo.vae import build_random_vae
+from haplo.model.modeling import HaploOmniForConditionalGeneration
+from haplo.model.processor import HaploOmniProcessor
+from haplo.model.tokenizer import build_tokenizer
+from haplo.model.vae import build_random_vae
+from haplo.runtime.ddim import denoise
+from haplo.runtime.decoding import understand
+from haplo.runtime.torch_backend import TorchBackend
 
 FIXTURE_CKPT = Path(__file__).parent / "fixtures" / "tiny-a" / "checkpoint"
 
@@ -34,6 +36,7 @@ def build(model, out, **kwargs):
         build_random_vae(model.config),
         build_tokenizer(model.config),
         BuildOptions(out=out, **kwargs),
+        BundleEngines(),
         log=lines.append,
     )
     return manifest, lines
@@ -168,7 +171,7 @@ def test_modified_file_is_refused(tiny_bundle, tmp_path):
 def test_killed_build_leaves_no_bundle(tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "haplo.cli", "build", "--out", str(out)],
+        [sys.executable, "-m", "haplo.commands.main", "build", "--out", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -181,13 +184,13 @@ def test_killed_build_leaves_no_bundle(tmp_path):
     with pytest.raises(BundleError):
         Bundle.open(out)
     result = subprocess.run(
-        [sys.executable, "-m", "haplo.cli", "run", "--bundle", str(out), "understand"], capture_output=True, text=True
+        [sys.executable, "-m", "haplo.commands.main", "run", "--bundle", str(out), "understand"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "error:" in result.stderr
 
 
 def test_vae_frame_counts_that_do_not_round_trip_are_refused(tiny_model):
-    from haplo.config import ConfigError
+    from haplo.model.config import ConfigError
 
     gen = tiny_model.config.video_generation
     assert [gen.latent_shape(f, 64, 64)[0] for f in (1, 9, 17, 49)] == [1, 3, 5, 13]
@@ -197,14 +200,14 @@ def test_vae_frame_counts_that_do_not_round_trip_are_refused(tiny_model):
 
 
 def test_checks_run_at_a_small_latent_size_whatever_the_video(tiny_model):
-    from haplo.export.bundle import check_latent_shape
+    from haplo.export.build import check_latent_shape
 
     assert check_latent_shape((13, 16, 60, 90)) == (3, 16, 8, 8)  # 17,550 latent tokens -> 48
     assert check_latent_shape((1, 16, 4, 6)) == (1, 16, 4, 6)
 
 
 def test_checkpoint_without_vae_is_refused_or_built_without_one(tmp_path, capsys):
-    from haplo.cli import main
+    from haplo.commands.main import main
 
     assert main(["build", "--checkpoint", str(FIXTURE_CKPT), "--out", str(tmp_path / "b")]) == 2
     assert "has no vae/ folder: pass --vae DIR" in capsys.readouterr().err and not (tmp_path / "b").exists()
@@ -214,7 +217,7 @@ def test_checkpoint_without_vae_is_refused_or_built_without_one(tmp_path, capsys
 def test_official_shaped_checkpoint_builds_at_its_default_video_size(tmp_path, capsys):
     """tiny-a keeps the official 49 x 480 x 720 video: the VAE graph is built and checked at that size,
     the end-to-end checks run at a small latent size (not 17,550 tokens)."""
-    from haplo.cli import main
+    from haplo.commands.main import main
 
     build_random_vae(HaploOmniForConditionalGeneration.from_pretrained(FIXTURE_CKPT).config).save_pretrained(
         tmp_path / "vae"
@@ -250,6 +253,7 @@ def test_build_without_vae_and_generate_says_so(tiny_model, tmp_path):
         None,
         build_tokenizer(tiny_model.config),
         BuildOptions(out=tmp_path / "novae", check_steps=4),
+        BundleEngines(),
         log=lambda _: None,
     )
     assert "vae_decoder" not in manifest["graphs"] and manifest["vae"] is None and manifest["parity"]["ok"]

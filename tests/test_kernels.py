@@ -8,13 +8,13 @@ import pytest
 import torch
 import triton
 
-from haplo import ops
-from haplo.config import preset
 from haplo.engines.plugins import aot, kernels
 from haplo.export import custom_ops
-from haplo.modeling import HaploOmniForConditionalGeneration
-from haplo.processor import HaploOmniProcessor
-from haplo.tokenizer import build_tokenizer
+from haplo.model import ops
+from haplo.model.config import preset
+from haplo.model.modeling import HaploOmniForConditionalGeneration
+from haplo.model.processor import HaploOmniProcessor
+from haplo.model.tokenizer import build_tokenizer
 
 import tensorrt_stub
 
@@ -247,7 +247,7 @@ def test_register_without_tensorrt_says_what_is_missing(monkeypatch):
 
 
 def test_kernels_command_writes_ptx_and_rejects_bad_input(tmp_path, capsys):
-    from haplo.cli import main
+    from haplo.commands.main import main
 
     assert main(["kernels", "--dtypes", "bf16", "--arch", "80", "--out", str(tmp_path), "--json"]) == 0
     index = json.loads(capsys.readouterr().out)

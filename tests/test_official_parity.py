@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from haplo import ops
-from haplo.backend import TorchBackend
-from haplo.modeling import HaploOmniForConditionalGeneration, generation_positions
-from haplo.pipeline import make_scheduler
-from haplo.runtime import denoise
+from haplo.model import ops
+from haplo.model.modeling import HaploOmniForConditionalGeneration
+from haplo.model.sequence import generation_positions, understanding_key_start
+from haplo.runtime.ddim import denoise, make_scheduler
+from haplo.runtime.decoding import understand
+from haplo.runtime.torch_backend import TorchBackend
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-a"
 ATOL = 1e-4
@@ -70,7 +71,7 @@ def test_packed_image_embeds(model, vectors):
 def test_understanding_paper_mask(model, vectors, case):
     """Default: the block-bidirectional mask the paper describes (official `*_bidir` vectors)."""
     inputs = understanding_inputs(vectors, case)
-    key_start = model.understanding_key_start(inputs["attention_mask"], inputs["attention_start_ids"])
+    key_start = understanding_key_start(model.config, inputs["attention_mask"], inputs["attention_start_ids"])
     mask = ops.block_mask(key_start, key_start.shape[-1])
     assert torch.equal(mask, vectors[f"{case}_bidir.attend_mask"])
     with torch.no_grad():
@@ -92,7 +93,7 @@ def test_paper_and_quirk_differ_after_the_image(model, official_model, vectors):
 
 def test_greedy_generate(official_model, vectors):
     inputs = understanding_inputs(vectors, "und_img")
-    out = official_model.generate(**inputs, max_new_tokens=5, return_logits=True)
+    out = understand(TorchBackend(official_model), **inputs, max_new_tokens=5, return_logits=True)
     assert torch.equal(out.new_tokens, vectors["generate.new_tokens"])
     assert torch.equal(out.sequences, vectors["generate.sequences"])
     assert_close(torch.stack(out.step_logits), vectors["generate.step_logits"])

@@ -3,9 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from haplo import ops
-from haplo.config import ConnectorConfig
-from haplo.layers import Connector
+from haplo.model import ops
+from haplo.model.config import ConnectorConfig
+from haplo.model.layers import Connector
 
 
 def visible(key_start, query_len=None):

@@ -5,9 +5,9 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
 
-from haplo.config import HaploOmniConfig, StageConfig, VideoGenerationConfig, preset
-from haplo.modeling import HaploOmniForConditionalGeneration
-from haplo.priors import (
+from haplo.model.config import HaploOmniConfig, StageConfig, VideoGenerationConfig, preset
+from haplo.model.modeling import HaploOmniForConditionalGeneration
+from haplo.training.priors import (
     GELU_TANH_MAX_ERROR,
     PriorError,
     cogvideox_state_sets,

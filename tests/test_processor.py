@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from haplo import vision
-from haplo.config import preset
-from haplo.modeling import HaploOmniForConditionalGeneration
-from haplo.processor import CLIP_MEAN, CLIP_STD, HaploOmniProcessor, ProcessorError
-from haplo.tokenizer import TokenizerError, build_tokenizer, load_tokenizer
+from haplo.model import vision
+from haplo.model.config import preset
+from haplo.model.modeling import HaploOmniForConditionalGeneration
+from haplo.model.processor import CLIP_MEAN, CLIP_STD, HaploOmniProcessor, ProcessorError
+from haplo.model.tokenizer import TokenizerError, build_tokenizer, load_tokenizer
 
 
 def anyres_config(max_tiles=4):

@@ -9,16 +9,17 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from haplo.config import preset
+from haplo.bundle import Bundle, BundleError
 from haplo.cpuinfo import SATURATION_FREE_WEIGHT_MAX, CpuInfo
-from haplo.engines.bundle import Bundle, BundleError
+from haplo.engines.bundle_engines import BundleEngines
 from haplo.engines.onnxruntime import OrtBackend
 from haplo.export import quantize
-from haplo.export.bundle import BuildOptions, build_bundle
+from haplo.export.build import BuildOptions, build_bundle
 from haplo.export.quantize import QuantizationError, resolve_policy
-from haplo.modeling import HaploOmniForConditionalGeneration
-from haplo.tokenizer import build_tokenizer
-from haplo.vae import build_random_vae
+from haplo.model.config import preset
+from haplo.model.modeling import HaploOmniForConditionalGeneration
+from haplo.model.tokenizer import build_tokenizer
+from haplo.model.vae import build_random_vae
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def _build(parts, out, precision, **kw):
         vae,
         tokenizer,
         BuildOptions(out=out, precision=precision, video=(gen.num_frames, gen.height, gen.width), **kw),
+        BundleEngines(),
         log=lambda _: None,
     )
 

@@ -16,8 +16,8 @@ from haplo.artifacts import (
     staging_dir,
     swap_into_place,
 )
-from haplo.cli import main
-from haplo.engines.bundle import is_bundle
+from haplo.bundle import is_bundle
+from haplo.commands.main import main
 from haplo.errors import OutputError
 
 
@@ -137,12 +137,12 @@ class _OneProcess:
 
 
 def test_training_checkpoint_swap_is_atomic_and_refuses_foreign_dirs(tmp_path):
-    from haplo.config import preset
-    from haplo.modeling import HaploOmniForConditionalGeneration
-    from haplo.tokenizer import build_tokenizer
+    from haplo.model.config import preset
+    from haplo.model.modeling import HaploOmniForConditionalGeneration
+    from haplo.model.tokenizer import build_tokenizer
+    from haplo.model.vae import build_random_vae
     from haplo.training.config import TrainConfig
     from haplo.training.trainer import STATE_FILE, TrainingError, save_checkpoint
-    from haplo.vae import build_random_vae
 
     config = preset("tiny")
     model = HaploOmniForConditionalGeneration.from_config(config, seed=0)
@@ -167,7 +167,7 @@ def test_training_checkpoint_swap_is_atomic_and_refuses_foreign_dirs(tmp_path):
 
 
 def test_synthetic_dataset_is_not_written_over_a_users_data(tmp_path, capsys):
-    from haplo.training.cli import main as train_main
+    from haplo.commands.train import main as train_main
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "data.jsonl").write_text('{"mine": true}\n')
@@ -179,10 +179,11 @@ def test_synthetic_dataset_is_not_written_over_a_users_data(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_file_put_in_the_target_during_the_build_is_kept(tmp_path):
-    from haplo.config import preset
-    from haplo.export.bundle import BuildOptions, build_bundle
-    from haplo.modeling import HaploOmniForConditionalGeneration
-    from haplo.tokenizer import build_tokenizer
+    from haplo.engines.bundle_engines import BundleEngines
+    from haplo.export.build import BuildOptions, build_bundle
+    from haplo.model.config import preset
+    from haplo.model.modeling import HaploOmniForConditionalGeneration
+    from haplo.model.tokenizer import build_tokenizer
 
     config = preset("tiny")
     out = tmp_path / "bundle"
@@ -194,6 +195,8 @@ def test_a_file_put_in_the_target_during_the_build_is_kept(tmp_path):
 
     model = HaploOmniForConditionalGeneration.from_config(config, seed=0)
     with pytest.raises(OutputError, match="not a bundle made by this tool"):
-        build_bundle(model, None, build_tokenizer(config), BuildOptions(out=out, check_steps=2), log=log)
+        build_bundle(
+            model, None, build_tokenizer(config), BuildOptions(out=out, check_steps=2), BundleEngines(), log=log
+        )
     assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # staging discarded

@@ -9,16 +9,18 @@ import onnx
 import pytest
 import torch
 
-from haplo.backend import TorchBackend
+from haplo.bundle import Bundle
 from haplo.engines import tensorrt as trt_engines
-from haplo.engines.bundle import Bundle
-from haplo.export.bundle import BuildOptions, build_bundle
+from haplo.engines.bundle_engines import BundleEngines
+from haplo.export.build import BuildOptions, build_bundle
 from haplo.export.graphs import export_graph, graph_specs
-from haplo.modeling import HaploOmniForConditionalGeneration
-from haplo.processor import HaploOmniProcessor
-from haplo.runtime import denoise, understand
-from haplo.tokenizer import build_tokenizer
-from haplo.vae import build_random_vae
+from haplo.model.modeling import HaploOmniForConditionalGeneration
+from haplo.model.processor import HaploOmniProcessor
+from haplo.model.tokenizer import build_tokenizer
+from haplo.model.vae import build_random_vae
+from haplo.runtime.ddim import denoise
+from haplo.runtime.decoding import understand
+from haplo.runtime.torch_backend import TorchBackend
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def test_profiles_cover_prefill_and_decode():
 def test_engine_build_without_tensorrt_says_what_is_needed(tmp_path):
     with pytest.raises(trt_engines.TensorRTUnavailable, match="NVIDIA GPU with TensorRT"):
         trt_engines.build_engine(
-            "pre_decoder", tmp_path / "g.onnx", tmp_path / "g.plan", {}, "fp32", trt_engines.BuildOptions()
+            "pre_decoder", tmp_path / "g.onnx", tmp_path / "g.plan", {}, "fp32", trt_engines.EngineOptions()
         )
 
 
@@ -86,9 +88,9 @@ def _build_trt(model, out, precision="fp32"):
             out=out,
             precision=precision,
             target="tensorrt",
-            engine_ranges=trt_engines.ShapeRanges(**GPU_RANGES),
             video=(gen.num_frames, gen.height, gen.width),
         ),
+        BundleEngines(ranges=trt_engines.ShapeRanges(**GPU_RANGES)),
         log=lambda _: None,
     )
 

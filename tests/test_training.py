@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from haplo.config import preset
-from haplo.modeling import HaploOmniForConditionalGeneration
-from haplo.priors import init_from_priors, random_priors
+from haplo.model.config import preset
+from haplo.model.modeling import HaploOmniForConditionalGeneration
 from haplo.training.config import TrainConfig, TrainConfigError
 from haplo.training.data import make_synthetic_dataset, read_jsonl
+from haplo.training.priors import init_from_priors, random_priors
 from haplo.training.stages import trainable_patterns
 from haplo.training.trainer import train
 
@@ -122,9 +122,10 @@ def test_resume_continues_the_same_curve(stage1, data, tmp_path):
 
 @pytest.mark.slow
 def test_stage3_checkpoint_loads_and_builds(stage1, data, tmp_path):
-    from haplo.export.bundle import BuildOptions, build_bundle
-    from haplo.tokenizer import load_tokenizer
-    from haplo.vae import vae_for_checkpoint
+    from haplo.engines.bundle_engines import BundleEngines
+    from haplo.export.build import BuildOptions, build_bundle
+    from haplo.model.tokenizer import load_tokenizer
+    from haplo.model.vae import vae_for_checkpoint
 
     _, state1 = stage1
     cfg = TrainConfig(
@@ -145,6 +146,7 @@ def test_stage3_checkpoint_loads_and_builds(stage1, data, tmp_path):
         BuildOptions(
             out=tmp_path / "bundle", video=(gen.num_frames, gen.height, gen.width), check_steps=8, ddim_steps=2
         ),
+        BundleEngines(),
         log=lambda _: None,
     )
     assert manifest["parity"]["ok"]

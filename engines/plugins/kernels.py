@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from haplo import ops
+from haplo.model import ops
 
 # Kernel globals must be constexpr.
 MASKED_START = tl.constexpr(2**30)  # haplo.ops.MASKED_START: never visible

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from haplo.artifacts import check_output_dir
+from haplo.artifacts import check_output_dir, write_atomic
 from haplo.errors import HaploError
 from haplo.video import write_video
 
@@ -101,9 +101,7 @@ def make_synthetic_dataset(out: str | Path, count: int, frames: int, height: int
         )
         records.append({"type": "generation", "video": rel, "caption": caption})
     jsonl = out / "data.jsonl"
-    staged = out / ".data.jsonl.tmp"
-    staged.write_text("".join(json.dumps(r) + "\n" for r in records))
-    staged.replace(jsonl)
+    write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in records))
     return jsonl
 
 

@@ -16,7 +16,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from haplo.modeling import generation_positions
+from haplo.model.sequence import generation_positions
 
 
 def _layer_pattern(model, stage: str) -> str:

@@ -32,8 +32,8 @@ class TrainingError(HaploError, ValueError):
 
 
 def load_model(cfg: TrainConfig):
-    from haplo.config import preset
-    from haplo.modeling import HaploOmniForConditionalGeneration
+    from haplo.model.config import preset
+    from haplo.model.modeling import HaploOmniForConditionalGeneration
 
     if cfg.resume_from:
         return HaploOmniForConditionalGeneration.from_pretrained(cfg.resume_from, dtype=torch.float32)
@@ -45,7 +45,7 @@ def load_model(cfg: TrainConfig):
 def load_priors(cfg: TrainConfig, config):
     """(clip, qwen2, cogvideox) from directories, seeded random ones, or Nones."""
     if cfg.priors == "random":
-        from haplo.priors import random_priors
+        from haplo.training.priors import random_priors
 
         return random_priors(config, cfg.seed)
     clip = qwen = cog = None
@@ -125,10 +125,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run one stage (or stage-2 step). Returns the trainer state (losses per step, checkpoints)."""
     from diffusers import CogVideoXDDIMScheduler
 
-    from haplo.pipeline import make_scheduler
-    from haplo.processor import HaploOmniProcessor
-    from haplo.tokenizer import build_tokenizer, load_tokenizer
-    from haplo.vae import vae_for_checkpoint
+    from haplo.model.processor import HaploOmniProcessor
+    from haplo.model.tokenizer import build_tokenizer, load_tokenizer
+    from haplo.model.vae import vae_for_checkpoint
+    from haplo.runtime.ddim import make_scheduler
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     log = log or (lambda line: accelerator.print(line))
@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
                 "the config, or priors: random for a demo"
             )
         if not cfg.resume_from and not cfg.checkpoint:
-            from haplo.priors import init_from_priors
+            from haplo.training.priors import init_from_priors
 
             report = init_from_priors(model, clip, qwen, cog, cfg.frozen_timestep)
             log(f"initialised {len(report.sources)} parameters from priors")

@@ -7,24 +7,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import CogVideoXDDIMScheduler
 
-from haplo.config import VideoGenerationConfig
-
-
-def make_scheduler(gen: VideoGenerationConfig) -> CogVideoXDDIMScheduler:
-    """CogVideoX-2B's DDIM: v-prediction, zero-terminal-SNR rescale, SNR shift, trailing spacing."""
-    return CogVideoXDDIMScheduler(
-        num_train_timesteps=gen.num_train_timesteps,
-        beta_start=gen.beta_start,
-        beta_end=gen.beta_end,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        snr_shift_scale=gen.snr_shift_scale,
-        timestep_spacing="trailing",
-    )
+from haplo.runtime.backend import Backend
+from haplo.runtime.ddim import denoise, make_scheduler
 
 
 @dataclass
@@ -36,10 +20,10 @@ class VideoOutput:
 class TextToVideoPipeline:
     """prompts -> processor -> guided DDIM on a backend -> VAE decode.
 
-    `backend` is any `haplo.backend.Backend` (e.g. `TorchBackend(model, vae)` or an ONNX Runtime bundle).
+    `backend` is any `haplo.runtime.backend.Backend` (e.g. `TorchBackend(model, vae)` or an ONNX Runtime bundle).
     """
 
-    def __init__(self, backend, processor=None, scheduler: CogVideoXDDIMScheduler | None = None):
+    def __init__(self, backend: Backend, processor=None, scheduler: CogVideoXDDIMScheduler | None = None):
         self.backend, self.processor = backend, processor
         self.scheduler = scheduler or make_scheduler(backend.config.video_generation)
 
@@ -69,8 +53,6 @@ class TextToVideoPipeline:
         reuse_prefix: bool = True,
         progress: bool = True,
     ) -> VideoOutput:
-        from haplo.runtime import denoise
-
         gen = self.backend.config.video_generation
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = self.processor.process_prompt_for_generation(prompts, negative_prompt)

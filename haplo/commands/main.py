@@ -313,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args):
-    from haplo.config import HaploOmniConfig, preset
+    from haplo.model.config import HaploOmniConfig, preset
 
     if args.checkpoint is not None:
-        from haplo.config import ConfigError
-        from haplo.modeling import CheckpointError
+        from haplo.model.config import ConfigError
+        from haplo.model.modeling import CheckpointError
 
         try:
             return HaploOmniConfig.from_pretrained(args.checkpoint)
@@ -329,7 +329,7 @@ def load_config(args):
 def load_model(args):
     import torch
 
-    from haplo.modeling import HaploOmniForConditionalGeneration
+    from haplo.model.modeling import HaploOmniForConditionalGeneration
 
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
     if args.checkpoint is not None:
@@ -338,7 +338,7 @@ def load_model(args):
 
 
 def load_tokenizer_for(args, config):
-    from haplo.tokenizer import build_tokenizer, load_tokenizer
+    from haplo.model.tokenizer import build_tokenizer, load_tokenizer
 
     directory = args.tokenizer
     if directory is None and args.checkpoint is not None and (args.checkpoint / "tokenizer_config.json").exists():
@@ -348,12 +348,12 @@ def load_tokenizer_for(args, config):
 
 def load_backend(args, need_vae: bool = True):
     """(backend, processor): ONNX Runtime over a bundle, or PyTorch over a checkpoint / preset."""
-    from haplo.processor import HaploOmniProcessor
+    from haplo.model.processor import HaploOmniProcessor
 
     if getattr(args, "bundle", None) is not None:
-        from haplo.engines.bundle import Bundle
+        from haplo.bundle import Bundle
         from haplo.engines.onnxruntime import OrtBackend
-        from haplo.tokenizer import load_tokenizer
+        from haplo.model.tokenizer import load_tokenizer
 
         bundle = Bundle.open(args.bundle)
         backend = None
@@ -373,8 +373,8 @@ def load_backend(args, need_vae: bool = True):
         backend = backend or OrtBackend(bundle, intra_op_threads=args.threads)
         tokenizer = load_tokenizer(args.tokenizer or bundle.path(bundle.manifest["tokenizer"]))
         return backend, HaploOmniProcessor(tokenizer, backend.config)
-    from haplo.backend import TorchBackend
-    from haplo.vae import vae_for_checkpoint
+    from haplo.model.vae import vae_for_checkpoint
+    from haplo.runtime.torch_backend import TorchBackend
 
     model = load_model(args)
     vae = vae_for_checkpoint(args.checkpoint, model.config, getattr(args, "vae", None)) if need_vae else None
@@ -409,7 +409,7 @@ def read_video_frames(path: Path, count: int):
 
 
 def cmd_inspect(args) -> dict:
-    from haplo.inspection import format_report, inspect_config
+    from haplo.model.inspection import format_report, inspect_config
 
     config = load_config(args)
     report = inspect_config(config, args.frames, args.height, args.width)
@@ -421,14 +421,14 @@ def cmd_inspect(args) -> dict:
 def cmd_understand(args) -> dict:
     import torch
 
-    from haplo.processor import ProcessorError
+    from haplo.model.processor import ProcessorError
 
     for image in args.image:
         if not image.exists():
             raise UsageError(f"{image}: no such image file")
     if args.video is not None and not args.video.exists():
         raise UsageError(f"{args.video}: no such video file")
-    from haplo.runtime import understand
+    from haplo.runtime.decoding import understand
 
     backend, processor = load_backend(args, need_vae=False)
     placeholders = "<image>\n" * len(args.image) + ("<video>\n" if args.video else "")
@@ -466,7 +466,7 @@ def cmd_understand(args) -> dict:
 
 
 def cmd_generate(args) -> dict:
-    from haplo.pipeline import TextToVideoPipeline
+    from haplo.runtime.pipeline import TextToVideoPipeline
     from haplo.video import to_uint8_frames, write_video
 
     check_video_out(args.out)
@@ -510,9 +510,10 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_build(args) -> dict:
-    from haplo.export.bundle import BuildOptions, build_bundle, check_output
+    from haplo.engines.bundle_engines import BundleEngines
+    from haplo.export.build import BuildOptions, build_bundle, check_output
     from haplo.export.validate import Tolerances
-    from haplo.vae import vae_for_checkpoint
+    from haplo.model.vae import vae_for_checkpoint
 
     check_output(args.out)  # before any work: never over a path this tool did not make
     model = load_model(args)
@@ -566,7 +567,7 @@ def cmd_build(args) -> dict:
         ),
     )
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    manifest = build_bundle(model, vae, load_tokenizer_for(args, config), options, log)
+    manifest = build_bundle(model, vae, load_tokenizer_for(args, config), options, BundleEngines(), log)
     summary = {
         "bundle": str(args.out),
         "precision": manifest["precision"],

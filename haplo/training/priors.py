@@ -79,8 +79,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haplo.config import HaploOmniConfig
 from haplo.errors import HaploError
+from haplo.model.config import HaploOmniConfig
 
 if TYPE_CHECKING:
     from diffusers import CogVideoXTransformer3DModel

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLCogVideoX
 
-from haplo.config import HaploOmniConfig
 from haplo.errors import HaploError
+from haplo.model.config import HaploOmniConfig
 
 
 class VAEError(HaploError, ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from haplo.config import HaploOmniConfig, kv_cache_bytes_per_token
+from haplo.model.config import HaploOmniConfig, kv_cache_bytes_per_token
 
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 GENERATION_HEADS = (
@@ -42,7 +42,7 @@ def inspect_config(
     config: HaploOmniConfig, num_frames: int | None = None, height: int | None = None, width: int | None = None
 ) -> dict:
     """Parameters per stage, weight bytes per precision, KV-cache bytes per token, latent tokens."""
-    from haplo.modeling import HaploOmniForConditionalGeneration
+    from haplo.model.modeling import HaploOmniForConditionalGeneration
 
     with torch.device("meta"):
         model = HaploOmniForConditionalGeneration(config)

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from haplo.artifacts import foreign_files, sha256_file, write_atomic
-from haplo.config import HaploOmniConfig
 from haplo.errors import HaploError
+from haplo.model.config import HaploOmniConfig
 
 MANIFEST = "manifest.json"
+STAGE_GRAPHS = {"pre": "pre_decoder", "base": "base_decoder", "post": "post_decoder"}  # decoder stage -> graph
 FORMAT = "haplo-bundle"
 FORMAT_VERSION = 1
 

@@ -12,10 +12,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from haplo.config import HaploOmniConfig
-from haplo.errors import RequestError
-
-STAGES = ("pre", "base", "post")
+from haplo.model.config import HaploOmniConfig
 
 
 class Backend(ABC):
@@ -66,69 +63,8 @@ class Backend(ABC):
     def check_vae_size(self, latent_shape: tuple[int, int, int, int]) -> None:
         """Raise RequestError unless `vae_decode` can decode latents of (frames, C, h, w)."""
 
-    # -- cache helpers shared by every backend ------------------------------------------------------
+    # -- cache -------------------------------------------------------------------------------------
     def keep_cache(self, past):
         """A cache that later calls reuse many times (the text prefix); backends that recycle output
         buffers copy it out here."""
         return past
-
-    def expand_past(self, past, repeats: int):
-        """The same cache for `repeats` consecutive copies of each batch row (CFG reuse)."""
-        return [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in past]
-
-
-class TorchBackend(Backend):
-    """PyTorch eager over the reference model: the baseline every other backend is compared with."""
-
-    name = "torch"
-
-    def __init__(self, model, vae=None):
-        self.model, self.vae = model, vae
-        self.config = model.config
-
-    def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.model.dtype) if x.is_floating_point() else x
-
-    @torch.no_grad()
-    def embed_text(self, input_ids):
-        return self.model.model.embed_tokens(input_ids)
-
-    @torch.no_grad()
-    def embed_images(self, pixel_values, image_sizes):
-        return self.model.model.embed_images(self._cast(pixel_values), image_sizes)
-
-    @torch.no_grad()
-    def embed_videos(self, pixel_values_videos):
-        return self.model.model.embed_videos(self._cast(pixel_values_videos))
-
-    @torch.no_grad()
-    def embed_generation(self, latents, timestep):
-        temb = self.model.time_embed(timestep, latents.shape[0])
-        time_token, latent_tokens = self.model.embed_generation_inputs(self._cast(latents), temb)
-        return time_token, latent_tokens, temb
-
-    @torch.no_grad()
-    def run_stage(self, stage, hidden, position_ids, key_start, past=None):
-        return self.model.model.stage_forward(stage, self._cast(hidden), position_ids, key_start, past)
-
-    @torch.no_grad()
-    def lm_head(self, last_decoder_hidden_state):
-        return self.model.lm_head(self.model.model.lm_hidden(self._cast(last_decoder_hidden_state)))
-
-    @torch.no_grad()
-    def latent_head(self, hidden, temb, latent_shape):
-        return self.model.latent_head(self._cast(hidden), self._cast(temb), latent_shape)
-
-    def check_vae_size(self, latent_shape):
-        if self.vae is None:
-            raise RequestError(
-                "no VAE to decode the video with: pass --vae DIR (a diffusers AutoencoderKLCogVideoX "
-                "directory), or a checkpoint with a vae/ folder"
-            )
-
-    @torch.no_grad()
-    def vae_decode(self, latents):
-        self.check_vae_size(tuple(latents.shape[1:]))
-        from haplo.vae import decode_latents
-
-        return decode_latents(self.vae, latents)

@@ -19,14 +19,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from haplo import ops, vision
-from haplo.config import ConfigError, HaploOmniConfig, StageConfig, preset
+from haplo.artifacts import atomic_path
 from haplo.errors import HaploError
-from haplo.layers import Connector, DecoderLayer, MultimodalNorm, rope_cos_sin
+from haplo.model import vision
+from haplo.model.config import STAGES, ConfigError, HaploOmniConfig, StageConfig, preset
+from haplo.model.layers import Connector, DecoderLayer, MultimodalNorm, rope_cos_sin
+from haplo.model.sequence import (
+    generation_sequence,
+    scatter_visual_features,
+    understanding_key_start,
+    understanding_positions,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-STAGES = ("pre", "base", "post")
 
 
 class CheckpointError(HaploError, ValueError):
@@ -112,12 +118,7 @@ class HaploOmniModel(nn.Module):
     # -- layout ----------------------------------------------------------------------------------
     def stage_layers(self, stage: str) -> range:
         """Indices into `self.layers` (and into the KV cache) of one stage's layers."""
-        n_pre, n_base = self.config.pre.num_hidden_layers, self.config.base.num_hidden_layers
-        return {
-            "pre": range(0, n_pre),
-            "base": range(n_pre, n_pre + n_base),
-            "post": range(n_pre + n_base, self.config.num_layers),
-        }[stage]
+        return self.config.stage_layers(stage)
 
     def rope(self, stage: str, position_ids: torch.Tensor):
         """A stage's RoPE: its own table, the base table (shared), or none."""
@@ -128,27 +129,18 @@ class HaploOmniModel(nn.Module):
         return rope_cos_sin(position_ids, table.head_dim, table.rope_theta)
 
     # -- embeddings ------------------------------------------------------------------------------
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] tiles or frames -> [N, P, pre width] (what the `embed_vision` graph computes)."""
+        return self.patch_embed(pixels.to(self.pre_pos_embed.dtype)) + self.pre_pos_embed
+
     def embed_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values [N, 3, S, S] (one tile each) or [N, T, 3, S, S] -> per image [tokens, pre width]."""
-        stage = self.config.base
-        sizes = [tuple(int(v) for v in s) for s in image_sizes]
-        tiles = [vision.num_image_tiles(s, stage) for s in sizes]
-        if pixel_values.dim() == 5:
-            pixel_values = torch.cat([px[:n] for px, n in zip(pixel_values, tiles)])
-        elif pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be 4-D or 5-D, got shape {tuple(pixel_values.shape)}")
-        else:
-            tiles = [1] * len(sizes)
-        features = self.patch_embed(pixel_values.to(self.pre_pos_embed.dtype)) + self.pre_pos_embed
-        newline = self.image_newline if stage.image_newline else None
-        return [vision.pack_image_embeds(f, s, newline, stage) for f, s in zip(torch.split(features, tiles), sizes)]
+        newline = self.image_newline if self.config.base.image_newline else None
+        return vision.embed_images(self.patch_features, pixel_values, image_sizes, newline, self.config.base)
 
     def embed_videos(self, pixel_values_videos: torch.Tensor) -> list[torch.Tensor]:
         """[B, F, 3, S, S] -> per video [F * P + 1, pre width] (frames, then one newline)."""
-        batch, frames = pixel_values_videos.shape[:2]
-        features = self.patch_embed(pixel_values_videos.flatten(0, 1).to(self.pre_pos_embed.dtype))
-        features = (features + self.pre_pos_embed).reshape(batch, -1, features.shape[-1])
-        return [torch.cat([f, self.image_newline[None]]) for f in features]
+        return vision.embed_videos(self.patch_features, pixel_values_videos, self.image_newline)
 
     def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None, pixel_values_videos=None):
         """Text embeddings with image/video features scattered, in order, into the placeholder ids."""
@@ -233,9 +225,6 @@ class HaploOmniForConditionalGeneration(nn.Module):
         return self.lm_head.weight.device
 
     # -- understanding ---------------------------------------------------------------------------
-    def understanding_key_start(self, attention_mask, attention_start_ids, past_length: int = 0):
-        return understanding_key_start(self.config, attention_mask, attention_start_ids, past_length)
-
     def forward(
         self,
         input_ids: torch.Tensor | None = None,  # [B, L]
@@ -247,27 +236,19 @@ class HaploOmniForConditionalGeneration(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> HaploOutput:
-        """Understanding forward over a whole sequence (decoding with a cache: `generate`)."""
+        """Understanding forward over a whole sequence (decoding with a cache: `haplo.runtime.decoding`)."""
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_inputs(input_ids, pixel_values, image_sizes, pixel_values_videos)
         batch, length = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
-        key_start = self.understanding_key_start(attention_mask, attention_start_ids)
+        key_start = understanding_key_start(self.config, attention_mask, attention_start_ids)
         position_ids = understanding_positions(attention_mask)
         last_decoder, hidden_states = self.model(inputs_embeds, position_ids, key_start, output_hidden_states)
         last_hidden = self.model.lm_hidden(last_decoder)
         if output_hidden_states:
             hidden_states.append(last_hidden)
         return HaploOutput(self.lm_head(last_hidden), last_hidden, last_decoder, hidden_states or [])
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, **kwargs):
-        """Autoregressive decoding with a KV cache over all three stages (`haplo.runtime.understand`)."""
-        from haplo.backend import TorchBackend
-        from haplo.runtime import understand
-
-        return understand(TorchBackend(self), input_ids, **kwargs)
 
     # -- generation ------------------------------------------------------------------------------
     def time_embed(self, timestep: torch.Tensor, batch: int) -> torch.Tensor:
@@ -294,8 +275,7 @@ class HaploOmniForConditionalGeneration(nn.Module):
         temb = self.time_embed(timestep, latents.shape[0])
         time_token, latent_tokens = self.embed_generation_inputs(latents, temb)
         text = self.model.embed_tokens(input_ids)
-        sequence = torch.cat([text, time_token, latent_tokens], dim=1)
-        key_start, position_ids = generation_positions(attention_mask, latent_tokens.shape[1])
+        sequence, key_start, position_ids = generation_sequence(text, time_token, latent_tokens, attention_mask)
         hidden, _ = self.model(sequence, position_ids, key_start)
         return self.latent_head(hidden[:, -latent_tokens.shape[1] :], temb, latents.shape)
 
@@ -361,83 +341,10 @@ class HaploOmniForConditionalGeneration(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.torch_dtype = str(self.dtype).removeprefix("torch.")
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-            str(tmp),
-            metadata={"format": "pt"},
-        )
-        tmp.replace(directory / WEIGHTS_NAME)
+        with atomic_path(directory / WEIGHTS_NAME) as staged:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(tensors, str(staged), metadata={"format": "pt"})
         self.config.save_pretrained(directory)
-
-
-def scatter_visual_features(
-    config: HaploOmniConfig, input_ids: torch.Tensor, embeds: torch.Tensor, images: list | None, videos: list | None
-) -> torch.Tensor:
-    """Place per-image / per-video features [tokens, D], in order, at the placeholder ids of `input_ids`."""
-    for token_id, features, kind in (
-        (config.image_token_index, images, "image"),
-        (config.video_token_index, videos, "video"),
-    ):
-        slots = input_ids == token_id
-        count = int(slots.sum())
-        if features is None:
-            if count:
-                raise ValueError(f"input_ids hold {count} {kind} placeholders but no {kind} pixels were given")
-            continue
-        features = torch.cat(list(features))
-        if features.shape[0] != count:
-            raise ValueError(
-                f"{kind} features give {features.shape[0]} tokens but input_ids hold {count} "
-                f"{kind} placeholders; build inputs with HaploOmniProcessor"
-            )
-        embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
-    return embeds
-
-
-def understanding_key_start(
-    config: HaploOmniConfig,
-    attention_mask: torch.Tensor,
-    attention_start_ids: torch.Tensor | None,
-    past_length: int = 0,
-) -> torch.Tensor:
-    """Block starts of new tokens (absolute slots), padding masked out. Without start ids, or with the
-    official quirk on a batch without padding, attention is plain causal."""
-    if attention_start_ids is None or (config.official_mask_quirk and bool(attention_mask.all())):
-        positions = torch.arange(past_length, past_length + attention_mask.shape[-1], device=attention_mask.device)
-        attention_start_ids = positions.expand_as(attention_mask)
-    return ops.apply_padding(attention_start_ids, attention_mask)
-
-
-def understanding_positions(attention_mask: torch.Tensor, next_position: torch.Tensor | None = None) -> torch.Tensor:
-    """RoPE positions count real tokens only (RoPE is relative, so left padding does not matter)."""
-    offset = 0 if next_position is None else next_position[:, None]
-    return (offset + attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def generation_positions(attention_mask: torch.Tensor, num_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key starts and RoPE positions for [left-padded text | time token | latent tokens].
-
-    Text and the time token are causal; the latent tokens form one bidirectional block that sees
-    everything real. Returns (key_start [B, S], position_ids [B, S]).
-    """
-    batch, text_len = attention_mask.shape
-    device = attention_mask.device
-    text_start = ops.apply_padding(torch.arange(text_len, device=device).expand(batch, text_len), attention_mask)
-    time_start = torch.full((batch, 1), text_len, device=device)
-    latent_start = torch.full((batch, num_visual), text_len + 1, device=device)
-    key_start = torch.cat([text_start, time_start, latent_start], dim=1)
-    real = torch.cat([attention_mask.long(), torch.ones(batch, 1 + num_visual, dtype=torch.long, device=device)], 1)
-    return key_start, (real.cumsum(-1) - 1).clamp(min=0)
-
-
-def denoise_positions(prefix_key_start: torch.Tensor, next_position: torch.Tensor, num_visual: int):
-    """Key starts and positions of [time token | latents] after a cached text prefix."""
-    batch, text_len = prefix_key_start.shape
-    new_start = torch.full((batch, 1 + num_visual), text_len + 1, device=prefix_key_start.device)
-    new_start[:, 0] = text_len
-    position_ids = next_position[:, None] + torch.arange(1 + num_visual, device=prefix_key_start.device)
-    return torch.cat([prefix_key_start, new_start], dim=1), position_ids
 
 
 def load_checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Protocol
 
 import onnx
 import torch
@@ -26,21 +27,33 @@ from safetensors.torch import save_file
 
 import haplo
 from haplo.artifacts import STAGING_MARKER, check_output_dir, discard_staging, staging_dir, swap_into_place
-from haplo.engines.bundle import (
+from haplo.bundle import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    STAGE_GRAPHS,
     Bundle,
     BundleError,
     is_bundle,
     sha256_file,
     write_atomic,
 )
+from haplo.cpuinfo import cpu_info
 from haplo.export import custom_ops, graphs, quantize
 from haplo.export.graphs import GraphSpec, export_graph, graph_specs
-from haplo.export.validate import ParityError, Tolerances, ddim_parity, token_agreement, validate_graph
+from haplo.export.validate import (
+    ParityError,
+    Tolerances,
+    cpu_session,
+    ddim_parity,
+    token_agreement,
+    validate_graph,
+)
+from haplo.model.processor import HaploOmniProcessor
+from haplo.runtime.backend import Backend
+from haplo.runtime.torch_backend import TorchBackend
 
-CODE_FILES = ["ops.py", "layers.py", "modeling.py"]  # model code a graph depends on, besides export/
+CODE_FILES = ["ops.py", "layers.py", "modeling.py", "sequence.py"]  # haplo/model code a graph depends on
 LIBRARIES = ["torch", "onnx", "onnxruntime", "onnxscript", "transformers", "diffusers", "numpy"]
 CHECK_LATENT = (3, 8, 8)  # largest latent (frames, h, w) of the end-to-end checks: 48 latent tokens
 REPORT_TITLE = "# Bundle report"
@@ -56,8 +69,6 @@ class BuildOptions:
     graph_precision: dict[str, str] = field(default_factory=dict)  # per-graph overrides of the policy
     exclude_modules: tuple[str, ...] = ()  # module-name regexes kept in fp32
     build_engines: bool = True  # target tensorrt: False writes the TensorRT-ready graphs only
-    engine_ranges: object = None  # haplo.engines.tensorrt.ShapeRanges for --target tensorrt
-    engine_options: object = None  # haplo.engines.tensorrt.BuildOptions
     force: bool = False  # export every graph even if unchanged
     tolerances: Tolerances = field(default_factory=Tolerances)
     video: tuple[int, int, int] | None = None  # (frames, height, width) of the VAE graph; default: config
@@ -79,7 +90,7 @@ def library_versions() -> dict:
 def _code_digest() -> str:
     digest = hashlib.sha256()
     export_code = sorted(Path(graphs.__file__).parent.glob("*.py"))
-    for path in export_code + [Path(haplo.__file__).parent / f for f in CODE_FILES]:
+    for path in export_code + [Path(haplo.__file__).parent / "model" / f for f in CODE_FILES]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -209,7 +220,22 @@ def check_latent_shape(latent_shape: tuple[int, int, int, int]) -> tuple[int, in
     return min(frames, CHECK_LATENT[0]), channels, min(h, CHECK_LATENT[1]), min(w, CHECK_LATENT[2])
 
 
-def build_bundle(model, vae, tokenizer, options: BuildOptions, log: Callable[[str], None] = print) -> dict:
+class Engines(Protocol):
+    """What a build needs from the engines layer; the caller passes it in (e.g.
+    `haplo.engines.bundle_engines.BundleEngines`), so export never imports engines."""
+
+    def open_backend(self, bundle: Bundle, optimization: str) -> Backend:
+        """The (staged) bundle on ONNX Runtime at an optimisation level, for the end-to-end checks."""
+        ...
+
+    def build_engines(self, root: Path, manifest: dict, log: Callable[[str], None]) -> dict:
+        """TensorRT engines for the staged bundle at `root`; returns the manifest's `engines` entry."""
+        ...
+
+
+def build_bundle(
+    model, vae, tokenizer, options: BuildOptions, engines: Engines, log: Callable[[str], None] = print
+) -> dict:
     """Export, validate and write a bundle at `options.out`; `vae=None` leaves the VAE graph out.
     Returns the manifest. The bundle appears at `out` only when every check passed."""
     started = time.perf_counter()
@@ -227,7 +253,7 @@ def build_bundle(model, vae, tokenizer, options: BuildOptions, log: Callable[[st
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         manifest = _manifest(model, vae, plan, options, entries, accuracy, ranges)
         _write_manifest(tmp, manifest)  # the end-to-end checks open the bundle as written so far
-        parity, failures = _check_end_to_end(model, vae, plan, options, tmp, parity_graphs, accuracy, log)
+        parity, failures = _check_end_to_end(model, vae, plan, options, tmp, engines, parity_graphs, accuracy, log)
         manifest["parity"] = _parity_summary(parity, accuracy, failures)
         manifest["build_seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
@@ -240,16 +266,8 @@ def build_bundle(model, vae, tokenizer, options: BuildOptions, log: Callable[[st
                 "this is expected, or keep a graph in fp32 with --graph-precision NAME=fp32)"
             )
         if options.target == "tensorrt" and options.build_engines:
-            from haplo.engines import tensorrt as trt_engines
-
             log("building TensorRT engines (plugins for haplo nodes, prefill and decode profiles)")
-            manifest["engines"] = trt_engines.build_bundle_engines(
-                tmp,
-                manifest,
-                options.engine_ranges or trt_engines.ShapeRanges(),
-                options.engine_options or trt_engines.BuildOptions(),
-                log,
-            )
+            manifest["engines"] = engines.build_engines(tmp, manifest, log)
         _write_manifest(tmp, manifest)
         check_output(out)  # again: the build took minutes, and `out` may have changed meanwhile
         swap_into_place(tmp, out)
@@ -277,8 +295,6 @@ class _Plan:
 
 
 def _plan(model, vae, tokenizer, options: BuildOptions, out: Path) -> _Plan:
-    from haplo.processor import HaploOmniProcessor
-
     gen = model.config.video_generation
     video = options.video or (gen.num_frames, gen.height, gen.width)
     latent_shape = gen.latent_shape(*video)
@@ -400,8 +416,6 @@ def ort_level(policy: dict[str, str], target: str) -> str:
 def check_level(plan: _Plan, options: BuildOptions) -> str:
     """The level the build's own checks run at: the bundle's, except for full-range INT8 on a CPU that
     would saturate it, where Q/DQ run as written, computing what the CPUs the bundle is for compute."""
-    from haplo.cpuinfo import cpu_info
-
     if (plan.int8_weights or {}).get("range") == "full" and not cpu_info().int8_dot_int32:
         return "ORT_ENABLE_BASIC"
     return ort_level(plan.policy, options.target)
@@ -448,26 +462,24 @@ def _manifest(model, vae, plan: _Plan, options: BuildOptions, entries: dict, acc
 
 
 def _build_machine() -> dict:
-    from haplo.cpuinfo import cpu_info
-
     return {"cpu": cpu_info().to_dict()}
 
 
 def _check_end_to_end(
-    model, vae, plan: _Plan, options: BuildOptions, tmp: Path, parity_graphs: dict, accuracy: dict, log
+    model,
+    vae,
+    plan: _Plan,
+    options: BuildOptions,
+    tmp: Path,
+    engines: Engines,
+    parity_graphs: dict,
+    accuracy: dict,
+    log,
 ) -> tuple[dict, list[str]]:
     """Greedy decoding and guided DDIM, torch against ONNX Runtime on the bundle as written."""
-    import onnxruntime as ort
-
-    from haplo.backend import TorchBackend
-    from haplo.engines.onnxruntime import OrtBackend
-
     log(f"checking end to end: greedy decoding and DDIM at latents {list(plan.check_shape)}, torch vs ONNX Runtime")
-    level = getattr(ort.GraphOptimizationLevel, check_level(plan, options))
-    torch_backend, ort_backend = (
-        TorchBackend(model, vae),
-        OrtBackend(Bundle.open(tmp, verify=False), optimization=level),
-    )
+    torch_backend = TorchBackend(model, vae)
+    ort_backend = engines.open_backend(Bundle.open(tmp, verify=False), check_level(plan, options))
     understanding = token_agreement(
         torch_backend, ort_backend, _understanding_sample(plan.processor), options.check_steps
     )
@@ -547,16 +559,8 @@ def _graph_accuracy(
     spec: GraphSpec, path: Path, eval_feeds: dict, precision: str, rewrite: dict | None, ort_level: str
 ) -> dict:
     """A low-precision graph against the fp32 PyTorch module, on real pipeline inputs for decoders."""
-    import onnxruntime as ort
-
-    from haplo.engines.onnxruntime import session_options
-
-    session = ort.InferenceSession(
-        str(path),
-        session_options(optimization=getattr(ort.GraphOptimizationLevel, ort_level)),
-        providers=["CPUExecutionProvider"],
-    )
-    stage = {v: k for k, v in graphs.STAGE_GRAPHS.items()}.get(spec.name)
+    session = cpu_session(path, ort_level)
+    stage = {v: k for k, v in STAGE_GRAPHS.items()}.get(spec.name)
     if stage is not None and eval_feeds.get(stage):
         feeds, source = eval_feeds[stage], "pipeline inputs (held-out prompts, decode and DDIM steps)"
     else:

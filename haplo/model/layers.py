@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haplo import ops
-from haplo.config import ConnectorConfig, StageConfig
+from haplo.model import ops
+from haplo.model.config import ConnectorConfig, StageConfig
 
 
 class MultimodalNorm(nn.Module):

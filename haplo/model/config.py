@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from haplo.artifacts import write_atomic
 from haplo.errors import HaploError
 
 CONFIG_NAME = "config.json"
+STAGES = ("pre", "base", "post")  # the decoder stack, in order; every backend runs it stage by stage
 
 
 class ConfigError(HaploError, ValueError):
@@ -62,6 +64,10 @@ class StageConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+        """One layer's key (or value) cache: [B, kv heads, cached tokens, head dim]."""
+        return batch, self.num_key_value_heads, length, self.head_dim
 
     def validate(self, name: str) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -205,6 +211,15 @@ class HaploOmniConfig:
     def stages(self) -> dict[str, StageConfig]:
         return {"pre": self.pre, "base": self.base, "post": self.post}
 
+    def stage_layers(self, stage: str) -> range:
+        """Global indices (into the model's layers and the KV cache) of one stage's layers."""
+        n_pre, n_base = self.pre.num_hidden_layers, self.base.num_hidden_layers
+        return {
+            "pre": range(0, n_pre),
+            "base": range(n_pre, n_pre + n_base),
+            "post": range(n_pre + n_base, self.num_layers),
+        }[stage]
+
     @property
     def num_layers(self) -> int:
         return sum(s.num_hidden_layers for s in self.stages.values())
@@ -302,15 +317,7 @@ class HaploOmniConfig:
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(directory / CONFIG_NAME)
-
-    def copy(self, **changes: Any) -> "HaploOmniConfig":
-        new = copy.deepcopy(self)
-        for key, value in changes.items():
-            setattr(new, key, value)
-        return new
+        write_atomic(directory / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 # -- presets -------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from haplo.config import HaploOmniConfig
 from haplo.errors import HaploError
+from haplo.model.config import HaploOmniConfig
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"

@@ -3,7 +3,7 @@
     haplo-train synthetic --out data/synthetic --count 64
     haplo-train --stage 1 --config configs/train-tiny.yaml
     haplo-train --stage 2 --step 1 --config configs/train-tiny.yaml --resume-from runs/s21/checkpoint-50
-    accelerate launch --num_processes 8 -m haplo.training.cli --stage 3 --config configs/train.yaml
+    accelerate launch --num_processes 8 -m haplo.commands.train --stage 3 --config configs/train.yaml
 
 Bad input ends with one `error:` line and exit code 2.
 """

@@ -1,6 +1,6 @@
 """Sampling for autoregressive decoding: parameters, the next-token rule, the output record.
 
-The decode loop itself is `haplo.runtime.understand`, shared by every backend.
+The decode loop itself is `haplo.runtime.decoding.understand`, shared by every backend.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class SamplingParams:
 
 
 @dataclass
-class GenerateOutput:
+class DecodeOutput:
     sequences: torch.Tensor  # [B, L + new] prompt ids followed by the new ids
     new_tokens: torch.Tensor  # [B, new], finished rows padded with pad_token_id
     step_logits: list = field(default_factory=list)  # raw next-token logits per step, [B, vocab] each

@@ -15,12 +15,13 @@ Modes (`image_aspect_ratio`):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import select_best_resolution
 
-from haplo.config import StageConfig
+from haplo.model.config import StageConfig
 
 
 def is_anyres(stage: StageConfig) -> bool:
@@ -114,3 +115,36 @@ def pack_image_embeds(
     if newline is not None:
         fmap = torch.cat([fmap, newline[:, None, None].to(fmap).expand(dim, fmap.shape[1], 1)], dim=2)
     return fmap.flatten(1).transpose(0, 1)
+
+
+def embed_images(
+    patch_features: Callable[[torch.Tensor], torch.Tensor],
+    pixel_values: torch.Tensor,  # [N, 3, S, S] (one tile per image) or [N, T, 3, S, S] (processor tiles)
+    image_sizes: torch.Tensor,  # [N, 2] original (height, width)
+    newline: torch.Tensor | None,  # [D], or None when the stage has no newline token
+    stage: StageConfig,
+) -> list[torch.Tensor]:
+    """Processor pixels -> per image [tokens, D]: every real tile through `patch_features`
+    ([tiles, 3, S, S] -> [tiles, P, D], a module or an engine), then packed in placeholder order."""
+    sizes = [tuple(int(v) for v in s) for s in image_sizes]
+    tiles = [num_image_tiles(s, stage) for s in sizes]
+    if pixel_values.dim() == 5:
+        pixel_values = torch.cat([px[:n] for px, n in zip(pixel_values, tiles)])
+    elif pixel_values.dim() == 4:
+        tiles = [1] * len(sizes)
+    else:
+        raise ValueError(f"pixel_values must be 4-D or 5-D, got shape {tuple(pixel_values.shape)}")
+    features = patch_features(pixel_values)
+    return [pack_image_embeds(f, s, newline, stage) for f, s in zip(torch.split(features, tiles), sizes)]
+
+
+def embed_videos(
+    patch_features: Callable[[torch.Tensor], torch.Tensor],
+    pixel_values_videos: torch.Tensor,  # [B, F, 3, S, S]
+    newline: torch.Tensor,  # [D]
+) -> list[torch.Tensor]:
+    """[B, F, 3, S, S] -> per video [F * P + 1, D]: every frame's patches, then one newline token."""
+    batch = pixel_values_videos.shape[0]
+    features = patch_features(pixel_values_videos.flatten(0, 1))
+    features = features.reshape(batch, -1, features.shape[-1])
+    return [torch.cat([f, newline[None].to(f)]) for f in features]

@@ -19,10 +19,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers.image_processing_utils import select_best_resolution
 
-from haplo import vision
-from haplo.config import HaploOmniConfig
 from haplo.errors import HaploError
-from haplo.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from haplo.model import vision
+from haplo.model.config import HaploOmniConfig
+from haplo.model.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

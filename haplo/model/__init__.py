@@ -1,0 +1,1 @@
+"""The model: configuration, modules, operators, processor, tokenizer, VAE, sequence layout."""

@@ -1,0 +1,1 @@
+"""The runtime: one backend interface, autoregressive decoding and guided DDIM over any backend."""
