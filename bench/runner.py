@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -135,12 +136,12 @@ def _load_reference(options: BenchOptions):
     from haplo.bundle import Bundle
     from haplo.model.config import preset
     from haplo.model.modeling import HaploOmniForConditionalGeneration
-    from haplo.model.tokenizer import build_tokenizer, load_tokenizer
+    from haplo.model.tokenizer import tokenizer_for
     from haplo.model.vae import vae_for_checkpoint
 
     checkpoint, preset_name, seed = options.checkpoint, options.preset, options.seed
     if options.bundle is not None:
-        source = Bundle.open(options.bundle).manifest.get("source", {})
+        source = Bundle.open(options.bundle).manifest.source
         if source.get("checkpoint"):
             checkpoint = Path(source["checkpoint"])
             if not checkpoint.exists():
@@ -149,16 +150,11 @@ def _load_reference(options: BenchOptions):
             preset_name, seed = source.get("preset"), source.get("seed") or 0
     if checkpoint is not None:
         model = HaploOmniForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-        tokenizer = (
-            load_tokenizer(checkpoint)
-            if (checkpoint / "tokenizer_config.json").exists()
-            else build_tokenizer(model.config)
-        )
         name = str(checkpoint)
     else:
         model = HaploOmniForConditionalGeneration.from_config(preset(preset_name or "small"), seed=seed)
-        tokenizer, name = build_tokenizer(model.config), preset_name or "small"
-    return model, vae_for_checkpoint(checkpoint, model.config), tokenizer, name
+        name = preset_name or "small"
+    return model, vae_for_checkpoint(checkpoint, model.config), tokenizer_for(model.config, checkpoint), name
 
 
 def _bundle_for(precision: str, options: BenchOptions, model, vae, tokenizer, name: str, log):
@@ -168,10 +164,10 @@ def _bundle_for(precision: str, options: BenchOptions, model, vae, tokenizer, na
 
     if options.bundle is not None:
         bundle = Bundle.open(options.bundle)
-        if bundle.manifest["precision"] != precision:
+        built = bundle.manifest.precision
+        if built != precision:
             raise BenchError(
-                f"{options.bundle} is a {bundle.manifest['precision']} bundle; ask for "
-                f"--precisions {bundle.manifest['precision']} or leave --bundle out to build one"
+                f"{options.bundle} is a {built} bundle; ask for --precisions {built} or leave --bundle out to build one"
             )
         return bundle
     out = options.work_dir / f"{Path(name).name}-seed{options.seed}-{precision}"
@@ -231,121 +227,205 @@ def _ratios(entry: dict, base: dict) -> dict:
     }
 
 
+@dataclass
+class _Run:
+    """What every variant of one benchmark run shares: the reference, its inputs, the bundles built."""
+
+    options: BenchOptions
+    log: Callable[[str], None]
+    threads: int
+    bandwidth: dict  # memory_bandwidth_gbs()
+    model: Any
+    vae: Any
+    tokenizer: Any
+    name: str
+    reference_load_s: float
+    und_inputs: dict
+    gen_prompt: dict
+    latent_shape: tuple
+    bundles: dict = field(default_factory=dict)  # precision -> Bundle
+    sweeps: dict = field(default_factory=lambda: {"decode_vs_past": {}, "ddim_vs_latent_tokens": {}})
+
+    @property
+    def config(self):
+        return self.model.config
+
+
 def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = None) -> dict:
     """Run everything; returns the result document (see `report.validate`)."""
-    from haplo.engines.tensorrt import tensorrt_status
-    from haplo.export.build import library_versions
-    from haplo.model.processor import HaploOmniProcessor
-
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     pairs = variants(options)
+    run = _prepare(options, log)
+    entries = [_run_variant(run, kind, precision) for kind, precision in pairs]
+    _add_ratios(entries)
+    return _document(run, entries)
+
+
+def _prepare(options: BenchOptions, log: Callable[[str], None]) -> _Run:
+    """Threads and seed, the machine's copy bandwidth, the PyTorch reference (timed) and the inputs."""
     threads = options.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(options.seed)
-
     log("measuring memory bandwidth")
     bandwidth = memory_bandwidth_gbs()
     started = time.perf_counter()
     model, vae, tokenizer, name = _load_reference(options)
-    reference_load_s = time.perf_counter() - started
+    load_s = time.perf_counter() - started
     model.eval()
-    config = model.config
+    inputs = _inputs(tokenizer, model.config, options)
+    return _Run(options, log, threads, bandwidth, model, vae, tokenizer, name, load_s, **inputs)
+
+
+def _inputs(tokenizer, config, options: BenchOptions) -> dict:
+    """What every variant runs on: the image question, the generation prompt, the latent shape."""
+    from haplo.model.processor import HaploOmniProcessor
+
     processor = HaploOmniProcessor(tokenizer, config)
-    und_inputs = _understanding_inputs(processor, options)
-    gen_prompt = processor.process_prompt_for_generation(["a red square moves from left to right"], "")
     gen = config.video_generation
-    latent_shape = gen.latent_shape(gen.num_frames, gen.height, gen.width)
-    bundles = {}
+    return {
+        "und_inputs": _understanding_inputs(processor, options),
+        "gen_prompt": processor.process_prompt_for_generation(["a red square moves from left to right"], ""),
+        "latent_shape": gen.latent_shape(gen.num_frames, gen.height, gen.width),
+    }
 
-    entries, sweeps = [], {"decode_vs_past": {}, "ddim_vs_latent_tokens": {}}
-    for kind, precision in pairs:
-        key = kind if kind.startswith("torch") else f"{kind}-{precision}"
-        entry = {"key": key, "backend": kind, "precision": precision}
-        entries.append(entry)
-        if kind == "tensorrt":
-            usable, reason = tensorrt_status()
-            if not usable:
-                entry.update(status="skipped", reason=f"TensorRT engines need an NVIDIA GPU with TensorRT ({reason})")
-                log(f"{key}: skipped ({entry['reason']})")
-                continue
-        try:
-            bundle = None
-            if kind in ("onnxruntime", "tensorrt"):
-                if precision not in bundles:
-                    bundles[precision] = _bundle_for(precision, options, model, vae, tokenizer, name, log)
-                bundle = bundles[precision]
-            log(f"{key}: cold start")
-            with PeakRSS() as memory:
-                load_started = time.perf_counter()
-                backend = TimedBackend(_make_backend(kind, precision, model, vae, bundle, threads))
-                load_s = time.perf_counter() - load_started
-                if kind.startswith("torch"):
-                    load_s += reference_load_s
-                first_s = workloads.first_token_seconds(backend, und_inputs)
-                log(f"{key}: understanding ({options.repeats} x {options.new_tokens} tokens)")
-                und = workloads.understanding(backend, und_inputs, options.new_tokens, options.warmup, options.repeats)
-                log(f"{key}: generation (guided DDIM step with and without prefix reuse, VAE, end to end)")
-                generation = workloads.generation(
-                    backend,
-                    gen_prompt,
-                    latent_shape,
-                    options.ddim_steps,
-                    options.guidance,
-                    options.warmup,
-                    options.repeats,
-                    options.seed,
-                )
-                if options.sweeps:
-                    log(f"{key}: sweeps (decode step vs cache length, DDIM step vs latent tokens)")
-                    sweeps["decode_vs_past"][key] = workloads.decode_vs_past(
-                        backend,
-                        config,
-                        [
-                            p
-                            for p in options.past_lengths
-                            if p + options.sweep_steps < config.base.max_position_embeddings
-                        ],
-                        options.sweep_steps,
-                        options.seed,
-                    )
-                    sweeps["ddim_vs_latent_tokens"][key] = workloads.ddim_vs_latent_tokens(
-                        backend, config, options.videos, gen_prompt, max(2, options.repeats), options.seed
-                    )
-            weight_bytes = torch_decode_weight_bytes(model) if bundle is None else bundle_decode_weight_bytes(bundle)
-            entry.update(
-                status="ok",
-                cold_start={
-                    "load_ms": load_s * 1e3,
-                    "first_token_ms": first_s * 1e3,
-                    "total_ms": (load_s + first_s) * 1e3,
-                },
-                understanding=und,
-                generation=generation,
-                memory={**memory.to_dict(), "gpu_peak_mib": gpu_peak_memory_mib()},
-                roofline=roofline(weight_bytes, bandwidth["copy_gbs"], und["tpot_ms"]["p50"]),
-            )
-        except Exception as err:  # one failing backend must not lose the others' results
-            if isinstance(err, BenchError):
-                raise
-            entry.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-            log(f"{key}: error ({entry['reason']})")
-        finally:
-            backend = None
 
+def _run_variant(run: _Run, kind: str, precision: str) -> dict:
+    """One backend/precision's entry: measured, skipped (TensorRT unusable) or the error that stopped it."""
+    from haplo.engines.tensorrt import tensorrt_status
+
+    key = kind if kind.startswith("torch") else f"{kind}-{precision}"
+    entry = {"key": key, "backend": kind, "precision": precision}
+    if kind == "tensorrt":
+        usable, reason = tensorrt_status()
+        if not usable:
+            entry.update(status="skipped", reason=f"TensorRT engines need an NVIDIA GPU with TensorRT ({reason})")
+            run.log(f"{key}: skipped ({entry['reason']})")
+            return entry
+    try:
+        entry.update(status="ok", **_measure(run, kind, precision, key))
+    except Exception as err:  # one failing backend must not lose the others' results
+        if isinstance(err, BenchError):
+            raise
+        entry.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+        run.log(f"{key}: error ({entry['reason']})")
+    return entry
+
+
+def _measure(run: _Run, kind: str, precision: str, key: str) -> dict:
+    """Cold start, understanding, generation and the sweeps under a resident-memory sampler."""
+    options = run.options
+    bundle = _variant_bundle(run, kind, precision)
+    run.log(f"{key}: cold start")
+    with PeakRSS() as memory:
+        backend, load_s = _open_backend(run, kind, precision, bundle)
+        first_s = workloads.first_token_seconds(backend, run.und_inputs)
+        run.log(f"{key}: understanding ({options.repeats} x {options.new_tokens} tokens)")
+        und = workloads.understanding(backend, run.und_inputs, options.new_tokens, options.warmup, options.repeats)
+        generation = _generation(run, backend, key)
+        if options.sweeps:
+            _sweeps(run, backend, key)
+    weight_bytes = torch_decode_weight_bytes(run.model) if bundle is None else bundle_decode_weight_bytes(bundle)
+    return {
+        "cold_start": {"load_ms": load_s * 1e3, "first_token_ms": first_s * 1e3, "total_ms": (load_s + first_s) * 1e3},
+        "understanding": und,
+        "generation": generation,
+        "memory": {**memory.to_dict(), "gpu_peak_mib": gpu_peak_memory_mib()},
+        "roofline": roofline(weight_bytes, run.bandwidth["copy_gbs"], und["tpot_ms"]["p50"]),
+    }
+
+
+def _variant_bundle(run: _Run, kind: str, precision: str):
+    """The bundle an engine backend runs (built or opened once per precision); None for torch."""
+    if kind not in ("onnxruntime", "tensorrt"):
+        return None
+    if precision not in run.bundles:
+        run.bundles[precision] = _bundle_for(
+            precision, run.options, run.model, run.vae, run.tokenizer, run.name, run.log
+        )
+    return run.bundles[precision]
+
+
+def _open_backend(run: _Run, kind: str, precision: str, bundle) -> tuple[TimedBackend, float]:
+    """(the timed backend, its load seconds); torch's include loading the reference."""
+    started = time.perf_counter()
+    backend = TimedBackend(_make_backend(kind, precision, run.model, run.vae, bundle, run.threads))
+    load_s = time.perf_counter() - started
+    if kind.startswith("torch"):
+        load_s += run.reference_load_s
+    return backend, load_s
+
+
+def _generation(run: _Run, backend: TimedBackend, key: str) -> dict:
+    """One guided DDIM step with and without prefix reuse, the VAE, end to end."""
+    options = run.options
+    run.log(f"{key}: generation (guided DDIM step with and without prefix reuse, VAE, end to end)")
+    return workloads.generation(
+        backend,
+        run.gen_prompt,
+        run.latent_shape,
+        options.ddim_steps,
+        options.guidance,
+        options.warmup,
+        options.repeats,
+        options.seed,
+    )
+
+
+def _sweeps(run: _Run, backend: TimedBackend, key: str) -> None:
+    """Decode step vs cache length (lengths that fit the positions) and DDIM step vs latent tokens."""
+    options, config = run.options, run.config
+    run.log(f"{key}: sweeps (decode step vs cache length, DDIM step vs latent tokens)")
+    limit = config.base.max_position_embeddings
+    past_lengths = [p for p in options.past_lengths if p + options.sweep_steps < limit]
+    run.sweeps["decode_vs_past"][key] = workloads.decode_vs_past(
+        backend, config, past_lengths, options.sweep_steps, options.seed
+    )
+    run.sweeps["ddim_vs_latent_tokens"][key] = workloads.ddim_vs_latent_tokens(
+        backend, config, options.videos, run.gen_prompt, max(2, options.repeats), options.seed
+    )
+
+
+def _add_ratios(entries: list[dict]) -> None:
+    """Every measured entry's speed-ups over torch eager of the same run ({} without one)."""
     baseline = next((e for e in entries if e["key"] == "torch" and e["status"] == "ok"), None)
     for entry in entries:
         if entry["status"] == "ok":
             entry["ratio_to_torch"] = _ratios(entry, baseline) if baseline else {}
 
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+
+def _document(run: _Run, entries: list[dict]) -> dict:
+    """The result document `report.validate` checks."""
+    settings, versions = _settings(run), _versions()
+    return {
+        "schema": report.SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "haplo-export " + " ".join(sys.argv[1:]) if sys.argv and "haplo-export" in sys.argv[0] else None,
+        "machine": {**machine_info(), "memory_bandwidth": run.bandwidth},
+        "versions": versions,
+        "settings": settings,
+        "backends": entries,
+        "sweeps": run.sweeps,
+    }
+
+
+def _settings(run: _Run) -> dict:
+    """The options as given, and what they came to (model, threads, token counts, latent shape)."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(run.options).items()}
     settings.update(
-        model=name,
-        threads=threads,
-        prompt_tokens=int(und_inputs["input_ids"].shape[1]),
-        latent_shape=list(latent_shape),
-        latent_tokens=workloads._latent_tokens(config, latent_shape),
-        generation_text_tokens=int(gen_prompt["input_ids"].shape[1]),
+        model=run.name,
+        threads=run.threads,
+        prompt_tokens=int(run.und_inputs["input_ids"].shape[1]),
+        latent_shape=list(run.latent_shape),
+        latent_tokens=workloads.latent_tokens(run.config, run.latent_shape),
+        generation_text_tokens=int(run.gen_prompt["input_ids"].shape[1]),
     )
+    return settings
+
+
+def _versions() -> dict:
+    """The libraries' versions and ONNX Runtime's execution providers."""
+    from haplo.export.cache import library_versions
+
     versions = library_versions()
     try:
         import onnxruntime
@@ -353,16 +433,7 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
         versions["onnxruntime_providers"] = onnxruntime.get_available_providers()
     except ImportError:
         pass
-    return {
-        "schema": report.SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "haplo-export " + " ".join(sys.argv[1:]) if sys.argv and "haplo-export" in sys.argv[0] else None,
-        "machine": {**machine_info(), "memory_bandwidth": bandwidth},
-        "versions": versions,
-        "settings": settings,
-        "backends": entries,
-        "sweeps": sweeps,
-    }
+    return versions
 
 
 def write_outputs(doc: dict, out: Path) -> dict:

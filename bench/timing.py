@@ -144,9 +144,6 @@ class TimedBackend(Backend):
     def keep_cache(self, past):
         return self.inner.keep_cache(past)
 
-    def expand_past(self, past, repeats):
-        return self.inner.expand_past(past, repeats)
-
     def breakdown_ms(self, per: int) -> dict:
         """Mean milliseconds per phase, dividing the totals by `per` (runs or steps)."""
         return {phase: 1e3 * total / max(per, 1) for phase, total in sorted(self.totals.items())}

@@ -8,14 +8,16 @@ exactly the schedule users run.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
 import torch
 
 from haplo.bench.timing import TimedBackend, stats
 from haplo.model.config import HaploOmniConfig
 from haplo.runtime.ddim import denoise, encode_prompt, make_scheduler, predict_v
-from haplo.runtime.decoding import DecodeState, embed_understanding, forward_tokens
+from haplo.runtime.decoding import DecodeState, decode_step, prefill
 
 
 def random_prompt(config: HaploOmniConfig, length: int, batch: int = 1, seed: int = 0) -> dict:
@@ -25,31 +27,44 @@ def random_prompt(config: HaploOmniConfig, length: int, batch: int = 1, seed: in
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _prefill(backend, inputs: dict):
-    embeds = embed_understanding(
-        backend,
-        inputs["input_ids"],
-        inputs.get("pixel_values"),
-        inputs.get("image_sizes"),
-        inputs.get("pixel_values_videos"),
-    )
-    logits, state = forward_tokens(
-        backend, embeds, inputs["attention_mask"], inputs.get("attention_start_ids"), DecodeState()
-    )
-    return logits.argmax(-1), state
+def _timed_prefill(backend, inputs: dict) -> tuple[float, torch.Tensor, DecodeState]:
+    """(seconds for prefill and its greedy token, the token, the state to decode from)."""
+    started = time.perf_counter()
+    logits, state = prefill(backend, inputs)
+    token = logits.argmax(-1)
+    return time.perf_counter() - started, token, state
 
 
-def _decode_step(backend, token: torch.Tensor, state: DecodeState):
-    mask = torch.ones_like(token[:, None])
-    logits, state = forward_tokens(backend, backend.embed_text(token[:, None]), mask, None, state)
-    return logits.argmax(-1), state
+def _timed_decode(backend, token: torch.Tensor, state: DecodeState, steps: int) -> list[float]:
+    """Seconds of each of `steps` greedy decode steps after `state`."""
+    samples = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        logits, state = decode_step(backend, token, state)
+        token = logits.argmax(-1)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def _timed_calls(fn: Callable[[], object], count: int, warm: int) -> list[float]:
+    """Seconds of `count` calls of `fn` after `warm` untimed ones."""
+    samples = []
+    for run in range(warm + count):
+        started = time.perf_counter()
+        fn()
+        if run >= warm:
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
+def _add_mean(into: dict, phases: dict, repeats: int) -> None:
+    for phase, ms in phases.items():
+        into[phase] = into.get(phase, 0.0) + ms / repeats
 
 
 @torch.no_grad()
 def first_token_seconds(backend, inputs: dict) -> float:
-    started = time.perf_counter()
-    _prefill(backend, inputs)
-    return time.perf_counter() - started
+    return _timed_prefill(backend, inputs)[0]
 
 
 @torch.no_grad()
@@ -59,25 +74,17 @@ def understanding(backend: TimedBackend, inputs: dict, new_tokens: int, warmup: 
     batch = inputs["input_ids"].shape[0]
     for run in range(warmup + repeats):
         backend.reset()
-        started = time.perf_counter()
-        token, state = _prefill(backend, inputs)
-        first = time.perf_counter() - started
-        prefill = backend.breakdown_ms(1)
+        first, token, state = _timed_prefill(backend, inputs)
+        prefill_ms = backend.breakdown_ms(1)
         backend.reset()
-        steps = []
-        for _ in range(new_tokens - 1):
-            step_started = time.perf_counter()
-            token, state = _decode_step(backend, token, state)
-            steps.append(time.perf_counter() - step_started)
+        steps = _timed_decode(backend, token, state, new_tokens - 1)
         if run < warmup:
             continue
         ttft.append(first)
         tpot.extend(steps)
         totals.append(first + sum(steps))
-        for phase, ms in prefill.items():
-            prefill_phases[phase] = prefill_phases.get(phase, 0.0) + ms / repeats
-        for phase, ms in backend.breakdown_ms(len(steps)).items():
-            decode_phases[phase] = decode_phases.get(phase, 0.0) + ms / repeats
+        _add_mean(prefill_phases, prefill_ms, repeats)
+        _add_mean(decode_phases, backend.breakdown_ms(len(steps)), repeats)
     tpot_stats = stats(tpot)
     return {
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
@@ -112,36 +119,26 @@ def generation(
     scheduler.set_timesteps(steps)
     t = scheduler.timesteps[0].expand(2).long()
 
-    def timed(fn, count, warm=warmup):
-        samples = []
-        for run in range(warm + count):
-            started = time.perf_counter()
-            fn()
-            if run >= warm:
-                samples.append(time.perf_counter() - started)
-        return samples
-
     prefix_holder = {}
-    prefix = timed(lambda: prefix_holder.update(state=encode_prompt(backend, ids, mask)), repeats)
+    prefix = _timed_calls(lambda: prefix_holder.update(state=encode_prompt(backend, ids, mask)), repeats, warmup)
     state = prefix_holder["state"]
     backend.reset()
-    reuse = timed(lambda: predict_v(backend, batch, t, ids, mask, state), repeats)
+    reuse = stats(_timed_calls(lambda: predict_v(backend, batch, t, ids, mask, state), repeats, warmup))
     phases = backend.breakdown_ms(warmup + repeats)
-    full = timed(lambda: predict_v(backend, batch, t, ids, mask, None), repeats)
+    full = stats(_timed_calls(lambda: predict_v(backend, batch, t, ids, mask, None), repeats, warmup))
     result = {
         "latent_shape": list(latent_shape),
-        "latent_tokens": _latent_tokens(backend.config, latent_shape),
+        "latent_tokens": latent_tokens(backend.config, latent_shape),
         "text_tokens": int(ids.shape[1]),
         "cfg_batch": 2,
         "prefix_encode_ms": stats(prefix),
-        "step_ms": stats(reuse),
-        "step_without_reuse_ms": stats(full),
+        "step_ms": reuse,
+        "step_without_reuse_ms": full,
         "step_stage_ms": phases,
-        "prefix_reuse_saving": 1 - stats(reuse)["p50"] / stats(full)["p50"],
+        "prefix_reuse_saving": 1 - reuse["p50"] / full["p50"],
     }
     if vae:
-        latents = noise
-        result["vae_ms"] = stats(timed(lambda: backend.vae_decode(latents), max(1, repeats // 2)))
+        result["vae_ms"] = stats(_timed_calls(lambda: backend.vae_decode(noise), max(1, repeats // 2), warmup))
 
     def end_to_end():
         latents = denoise(backend, ids, mask, noise, steps, guidance, reuse_prefix=True)
@@ -149,12 +146,12 @@ def generation(
             backend.vae_decode(latents)
 
     # The calls above warmed every graph up; one end-to-end run is the request a user waits for.
-    result["end_to_end_ms"] = stats(timed(end_to_end, 1, warm=0))
+    result["end_to_end_ms"] = stats(_timed_calls(end_to_end, 1, warm=0))
     result["end_to_end_steps"] = steps
     return result
 
 
-def _latent_tokens(config: HaploOmniConfig, latent_shape: tuple) -> int:
+def latent_tokens(config: HaploOmniConfig, latent_shape: tuple) -> int:
     frames, _, height, width = latent_shape
     patch = config.video_generation.latent_patch_size
     return frames * (height // patch) * (width // patch)
@@ -165,16 +162,9 @@ def decode_vs_past(backend, config: HaploOmniConfig, past_lengths: list[int], st
     """Decode-step time as the cache grows: prefill `past` tokens, then time `steps` steps."""
     rows = []
     for past in past_lengths:
-        inputs = random_prompt(config, past, seed=seed)
-        started = time.perf_counter()
-        token, state = _prefill(backend, inputs)
-        prefill = time.perf_counter() - started
-        samples = []
-        for _ in range(steps + 1):
-            step_started = time.perf_counter()
-            token, state = _decode_step(backend, token, state)
-            samples.append(time.perf_counter() - step_started)
-        rows.append({"past_tokens": past, "prefill_ms": prefill * 1e3, "step_ms": stats(samples[1:])})
+        prefill_s, token, state = _timed_prefill(backend, random_prompt(config, past, seed=seed))
+        samples = _timed_decode(backend, token, state, steps + 1)
+        rows.append({"past_tokens": past, "prefill_ms": prefill_s * 1e3, "step_ms": stats(samples[1:])})
     return rows
 
 
@@ -189,16 +179,9 @@ def ddim_vs_latent_tokens(
         shape = config.video_generation.latent_shape(frames, height, width)
         noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(seed))
         t = torch.full((2,), 500, dtype=torch.long)
-        samples = []
-        for _ in range(repeats + 1):
-            started = time.perf_counter()
-            predict_v(backend, noise, t, prompt["input_ids"], prompt["attention_mask"], state)
-            samples.append(time.perf_counter() - started)
+        step = functools.partial(predict_v, backend, noise, t, prompt["input_ids"], prompt["attention_mask"], state)
+        samples = _timed_calls(step, repeats, warm=1)
         rows.append(
-            {
-                "video": [frames, height, width],
-                "latent_tokens": _latent_tokens(config, shape),
-                "step_ms": stats(samples[1:]),
-            }
+            {"video": [frames, height, width], "latent_tokens": latent_tokens(config, shape), "step_ms": stats(samples)}
         )
     return rows

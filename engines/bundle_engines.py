@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from haplo.bundle import Bundle
+from haplo.bundle import Bundle, Manifest
 from haplo.engines.onnxruntime import OrtBackend
 
 
@@ -24,8 +24,9 @@ class BundleEngines:
     def open_backend(self, bundle: Bundle, optimization: str) -> OrtBackend:
         return OrtBackend(bundle, optimization=getattr(ort.GraphOptimizationLevel, optimization))
 
-    def build_engines(self, root: Path, manifest: dict, log: Callable[[str], None]) -> dict:
-        from haplo.engines import tensorrt
+    def build_engines(self, root: Path, manifest: Manifest, log: Callable[[str], None]) -> dict:
+        from haplo.engines.tensorrt.builder import EngineOptions, build_bundle_engines
+        from haplo.engines.tensorrt.profiles import ShapeRanges
 
-        ranges = self.ranges or tensorrt.ShapeRanges()
-        return tensorrt.build_bundle_engines(root, manifest, ranges, self.options or tensorrt.EngineOptions(), log)
+        ranges = self.ranges or ShapeRanges()
+        return build_bundle_engines(root, manifest, ranges, self.options or EngineOptions(), log)

@@ -21,7 +21,7 @@ class GraphBackend(Backend):
     def __init__(self, bundle: Bundle | str):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.config = self.bundle.config
-        self.constants = load_file(str(self.bundle.path(self.bundle.manifest["constants"])))
+        self.constants = load_file(str(self.bundle.path(self.bundle.manifest.constants)))
 
     @abstractmethod
     def run(self, graph: str, **inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -35,21 +35,13 @@ class GraphBackend(Backend):
 
     def embed_images(self, pixel_values, image_sizes):
         stage = self.config.base
-        sizes = [tuple(int(v) for v in s) for s in image_sizes]
-        tiles = [vision.num_image_tiles(s, stage) for s in sizes]
-        if pixel_values.dim() == 5:
-            pixel_values = torch.cat([px[:n] for px, n in zip(pixel_values, tiles)])
-        else:
-            tiles = [1] * len(sizes)
-        features = self._patch_features(pixel_values)
+        images = vision.image_tiles(pixel_values, image_sizes, stage)
         newline = self.constants["image_newline"] if stage.image_newline else None
-        return [vision.pack_image_embeds(f, s, newline, stage) for f, s in zip(torch.split(features, tiles), sizes)]
+        return vision.pack_images(self._patch_features(images.pixels), images, newline, stage)
 
     def embed_videos(self, pixel_values_videos):
-        batch = pixel_values_videos.shape[0]
         features = self._patch_features(pixel_values_videos.flatten(0, 1))
-        features = features.reshape(batch, -1, self.config.pre.hidden_size)
-        return [torch.cat([f, self.constants["image_newline"][None]]) for f in features]
+        return vision.pack_videos(features, pixel_values_videos.shape[0], self.constants["image_newline"])
 
     def embed_generation(self, latents, timestep):
         return tuple(self.run("embed_generation", latents=latents.float(), timestep=timestep.long()))
@@ -62,14 +54,14 @@ class GraphBackend(Backend):
         return self.run("latent_head", hidden_states=hidden.float(), temb=temb.float(), latents=latents)[0]
 
     def check_vae_size(self, latent_shape):
-        if "vae_decoder" not in self.bundle.graphs:
+        built = self.bundle.manifest.vae
+        if built is None or "vae_decoder" not in self.bundle.graphs:
             raise RequestError(
                 f"{self.bundle.root} has no VAE decoder graph (built with --no-vae); rebuild it with "
                 "--vae DIR to decode videos"
             )
-        built = self.bundle.manifest["vae"]
-        if list(latent_shape) != built["latent_shape"]:
-            f, height, width = built["video"]
+        if list(latent_shape) != built.latent_shape:
+            f, height, width = built.video
             raise RequestError(
                 f"the bundle's VAE graph decodes {f} frames of {height}x{width} only; ask for "
                 f"--frames {f} --height {height} --width {width}, or rebuild the bundle with "
@@ -78,6 +70,7 @@ class GraphBackend(Backend):
 
     def vae_decode(self, latents):
         self.check_vae_size(tuple(latents.shape[1:]))
-        scaled = latents.permute(0, 2, 1, 3, 4).float() / self.bundle.manifest["vae"]["scaling_factor"]
+        scale = self.bundle.manifest.vae.scaling_factor  # check_vae_size: there is a VAE graph
+        scaled = latents.permute(0, 2, 1, 3, 4).float() / scale
         # The causal 3-D VAE is exported for one fixed latent size and batch 1: decode row by row.
         return torch.cat([self.run("vae_decoder", latents=row[None])[0] for row in scaled])

@@ -36,10 +36,10 @@ def session_options(
 
 def check_int8_cpu(bundle: Bundle, optimization: ort.GraphOptimizationLevel) -> None:
     """Refuse a full-range INT8 bundle where this CPU's integer kernels would saturate it."""
-    quant = bundle.manifest.get("quantization") or {}
-    if "int8" not in (quant.get("policy") or {}).values() or quant.get("flavor") == "tensorrt":
+    quant = bundle.manifest.quantization
+    if "int8" not in quant["policy"].values() or quant["flavor"] == "tensorrt":
         return
-    weights = quant.get("int8_weights") or {"range": "full", "build_cpu": "an unrecorded CPU"}  # older bundles
+    weights = quant["int8_weights"]
     if weights["range"] != "full" or int(optimization) <= int(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
         return  # reduced weights are exact everywhere; at the basic level Q/DQ run in float
     cpu = cpu_info()
@@ -65,7 +65,7 @@ class OrtBackend(GraphBackend):
         super().__init__(bundle)
         self.providers = providers or ["CPUExecutionProvider"]
         if optimization is None:  # quantized bundles record the level their Q/DQ graphs need
-            name = self.bundle.manifest.get("onnxruntime_optimization", "ORT_ENABLE_ALL")
+            name = self.bundle.manifest.onnxruntime_optimization
             optimization = getattr(ort.GraphOptimizationLevel, name)
         if "CPUExecutionProvider" in self.providers[:1]:
             check_int8_cpu(self.bundle, optimization)
@@ -91,10 +91,10 @@ class OrtBackend(GraphBackend):
         binding.bind_cpu_input("hidden_states", np.ascontiguousarray(hidden.float().numpy()))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids.long().numpy()))
         binding.bind_cpu_input("key_start", np.ascontiguousarray(key_start.long().numpy()))
-        layers = self.bundle.graphs[graph]["layers"]
+        layers = self.bundle.graphs[graph].layers
         if past is None:  # prefill: empty caches [B, kv, 0, D]
             cfg = self.config.stages[stage]
-            empty = np.zeros((hidden.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim), dtype=np.float32)
+            empty = np.zeros(cfg.kv_shape(hidden.shape[0], 0), dtype=np.float32)
             past = [ort.OrtValue.ortvalue_from_numpy(empty)] * (2 * len(layers))
         for i, n in enumerate(layers):
             binding.bind_ortvalue_input(f"past_key_values.{n}.key", past[2 * i])

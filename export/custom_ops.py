@@ -1,6 +1,6 @@
 """Multimodal AdaLN and hybrid-mask attention as custom ops: torch -> `haplo`-domain ONNX nodes.
 
-Each op exists three ways, all computing `haplo.ops`:
+Each op exists three ways, all computing `haplo.model.ops`:
 - a torch custom op (`haplo::multimodal_adaln`, `haplo::hybrid_attention`) whose eager kernel is
   the reference; the model's calls are routed to it only while exporting (`routed_to_custom_ops`),
   so training keeps plain autograd;
@@ -8,7 +8,7 @@ Each op exists three ways, all computing `haplo.ops`:
   through a translation table;
 - a model-local ONNX function with the same name holding the standard-op decomposition, attached
   to every exported graph. ONNX Runtime runs the function; TensorRT's parser inlines it, or swaps
-  in our plugin when the node names a `plugin_namespace` (engines/tensorrt.py adds it).
+  in our plugin when the node names a `plugin_namespace` (haplo.engines.tensorrt.prepare adds it).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def multimodal_adaln_op(
     eps: float,
     layernorm: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, gate = ops.multimodal_adaln(
+    out, gate = ops.reference_multimodal_adaln(
         x,
         weight,
         bias if layernorm else None,
@@ -66,7 +66,7 @@ def _(x, weight, bias, indicator_weight, indicator_bias, ssg_l, ssg_c, eps, laye
 def hybrid_attention_op(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_start: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    return ops.hybrid_attention(query, key, value, key_start, scale).contiguous()
+    return ops.reference_hybrid_attention(query, key, value, key_start, scale).contiguous()
 
 
 @hybrid_attention_op.register_fake
@@ -85,14 +85,13 @@ def _attention_via_op(query, key, value, key_start, scale=None):
     return hybrid_attention_op(query, key, value, key_start, float(query.shape[-1] ** -0.5 if scale is None else scale))
 
 
-@contextlib.contextmanager
-def routed_to_custom_ops(enabled: bool = True):
-    """While active, the model's `haplo.ops` calls go through the custom ops (export time only)."""
-    if not enabled:
-        yield
-        return
-    with ops.routed_to(_adaln_via_op, _attention_via_op):
-        yield
+OPERATORS = "onnx-custom-ops"
+ops.register(OPERATORS, ops.Operators(_adaln_via_op, _attention_via_op))
+
+
+def routed_to_custom_ops(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """While active, the model's `haplo.model.ops` calls go through the custom ops (export time only)."""
+    return ops.using(OPERATORS) if enabled else contextlib.nullcontext()
 
 
 # -- ONNX: schemas (so onnxscript can emit the nodes) and translations -----------------------------

@@ -8,17 +8,21 @@ prefix, so one early flip does not hide the rest), and the latents after a few g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from torch import nn
 
+from haplo.bundle import STAGE_GRAPHS
 from haplo.errors import HaploError
 from haplo.export.graphs import GraphSpec
 from haplo.runtime.backend import Backend
 from haplo.runtime.ddim import denoise
-from haplo.runtime.decoding import DecodeState, embed_understanding, forward_tokens, understand
+from haplo.runtime.decoding import decode_step, prefill, understand
 
 
 @dataclass
@@ -110,24 +114,12 @@ def token_agreement(reference: Backend, candidate: Backend, inputs: dict, steps:
     """Greedy decode on `reference`; the candidate predicts each next token from the same prefix."""
     ref = understand(reference, **inputs, max_new_tokens=steps)
     tokens = ref.new_tokens
-    embeds = embed_understanding(
-        candidate,
-        inputs["input_ids"],
-        inputs.get("pixel_values"),
-        inputs.get("image_sizes"),
-        inputs.get("pixel_values_videos"),
-    )
-    logits, state = forward_tokens(
-        candidate, embeds, inputs["attention_mask"], inputs.get("attention_start_ids"), DecodeState()
-    )
+    logits, state = prefill(candidate, inputs)
     agree = []
     for step in range(tokens.shape[1]):
         agree.append(logits.argmax(-1) == tokens[:, step])
         if step + 1 < tokens.shape[1]:
-            step_mask = torch.ones_like(tokens[:, :1])
-            logits, state = forward_tokens(
-                candidate, candidate.embed_text(tokens[:, step : step + 1]), step_mask, None, state
-            )
+            logits, state = decode_step(candidate, tokens[:, step], state)
     agree = torch.stack(agree, dim=1)
     mismatches = (~agree).nonzero()
     return {
@@ -161,4 +153,64 @@ def ddim_parity(
     result = {"steps": steps, "guidance": guidance, **compare(b.numpy(), a.numpy())}
     if decode:
         result["video_psnr_db"] = psnr(candidate.vae_decode(b).numpy(), reference.vae_decode(a).numpy())
+    return result
+
+
+# -- low-precision graphs against fp32 PyTorch ----------------------------------------------------
+
+
+def shortfall_note(precision: str, rewrite: dict | None) -> str:
+    """Why a low-precision graph lands below cosine 0.999, and what to do about it."""
+    count = (rewrite or {}).get("matmuls", "its")
+    if precision == "fp8":
+        cause = (
+            "E4M3 keeps 3 mantissa bits, so both operands of every matmul carry up to 6% rounding error per "
+            f"element; over the graph's {count} quantized matmuls in sequence the errors add up"
+        )
+    elif precision == "int8":
+        cause = (
+            f"per-tensor 8-bit activation scales lose resolution where a few channels are large; over {count} "
+            "matmuls in sequence the errors add up"
+        )
+    else:
+        cause = f"{precision} rounding over {count} matmuls"
+    return (
+        f"{cause}. Keep this graph at higher precision with --graph-precision NAME=fp16 (or fp32), or keep "
+        "its most sensitive modules in fp32 with --exclude-modules REGEX."
+    )
+
+
+def graph_accuracy(session_run: Callable[[dict], list[np.ndarray]], module: nn.Module, feeds: list[dict]) -> dict:
+    """Worst max abs error and cosine over a graph's outputs and feeds, against the fp32 torch module."""
+    worst = {"max_abs_error": 0.0, "cosine": 1.0, "finite": True, "samples": len(feeds)}
+    for feed in feeds:
+        got = session_run(feed)
+        with torch.no_grad():
+            want = module(*[torch.from_numpy(v) for v in feed.values()])
+        want = want if isinstance(want, tuple) else (want,)
+        for a, b in zip(got, want):
+            if a.size == 0:
+                continue
+            stats = compare(a, b.float().numpy())
+            worst["max_abs_error"] = max(worst["max_abs_error"], stats["max_abs_error"])
+            worst["cosine"] = min(worst["cosine"], stats["cosine"])
+            worst["finite"] &= stats["finite"]
+    return worst
+
+
+def low_precision_accuracy(
+    spec: GraphSpec, path: Path, eval_feeds: dict, precision: str, rewrite: dict | None, ort_level: str
+) -> dict:
+    """A low-precision graph against the fp32 PyTorch module, on real pipeline inputs for decoders."""
+    session = cpu_session(path, ort_level)
+    stage = {v: k for k, v in STAGE_GRAPHS.items()}.get(spec.name)
+    if stage is not None and eval_feeds.get(stage):
+        feeds, source = eval_feeds[stage], "pipeline inputs (held-out prompts, decode and DDIM steps)"
+    else:
+        feeds = [{k: v.numpy() for k, v in sample.items()} for sample in (spec.inputs, spec.check_inputs) if sample]
+        source = "export samples"
+    result = graph_accuracy(lambda feed: session.run(None, feed), spec.module, feeds)
+    result = {**result, "precision": precision, "inputs": source, **(rewrite or {})}
+    if result["cosine"] < 0.999:
+        result["note"] = shortfall_note(precision, rewrite)
     return result

@@ -60,6 +60,21 @@ BAD_INPUT = [
     (["run", "--bundle", "/nonexistent/bundle", "understand"], "not a directory"),
     (["run", "--bundle", "{DIR}", "understand"], "no manifest.json"),
     (["run", "--bundle", "{BUNDLE}", "--backend", "tensorrt", "understand"], "has no TensorRT engines"),
+    (["run", "--backend", "nope", "understand"], "invalid choice: 'nope'"),
+    # --bundle / --backend after the task too; given in both places, the value after the task wins
+    (["run", "understand", "--bundle", "/nonexistent/bundle"], "not a directory"),
+    (["run", "understand", "--bundle", "{DIR}"], "no manifest.json"),
+    (["run", "understand", "--bundle", "{BUNDLE}", "--backend", "tensorrt"], "has no TensorRT engines"),
+    (["run", "understand", "--backend", "nope"], "invalid choice: 'nope'"),
+    (["run", "understand", "--bundle", "{BUNDLE}", "--prompt", LONG_PROMPT], "more than the model's 2048 positions"),
+    (["run", "--bundle", "{BUNDLE}", "understand", "--bundle", "{DIR}"], "no manifest.json"),
+    (["run", "--bundle", "{DIR}", "understand", "--bundle", "{BUNDLE}", "--backend", "tensorrt"], "has no TensorRT"),
+    (
+        ["run", "--backend", "onnxruntime", "--bundle", "{BUNDLE}", "understand", "--backend", "tensorrt"],
+        "has no TensorRT engines",
+    ),
+    (["run", "generate", "--bundle", "{BUNDLE}", "--frames", "17"], "decodes 9 frames of 64x64 only"),
+    (["run", "understand", "--tokenizer", "/nonexistent/tokenizer"], "not a directory of tokenizer files"),
     (["run", "generate", "--steps", "0"], "--steps: 0 is out of range"),
     (["run", "generate", "--guidance", "-2"], "--guidance: -2.0 is out of range"),
     (["run", "generate", "--frames", "5"], "decodes 8k + 1 frames"),
@@ -156,3 +171,54 @@ def test_run_generate_default_writes_video(capsys, tmp_path):
     assert code == 0
     assert out_file.stat().st_size > 0 and out_file.with_suffix(".gif").stat().st_size > 0
     assert summary["frames"] == 9 and summary["height"] == 64 and summary["width"] == 64
+
+
+def _without_timing(out: str) -> dict:
+    result = json.loads(out)
+    result.pop("seconds")
+    return result
+
+
+def test_bundle_and_backend_go_before_or_after_the_task(capsys, cli_bundle):
+    bundle, common = str(cli_bundle), ["--max-new-tokens", "4", "--json"]
+    ort = ["--backend", "onnxruntime"]
+    same = [  # each group: one run, however the flags are placed (after the task wins over before it)
+        [["run", "--bundle", bundle, "understand"], ["run", "understand", "--bundle", bundle]],
+        [
+            ["run", *ort, "--bundle", bundle, "understand"],
+            ["run", *ort, "understand", "--bundle", bundle],
+            ["run", "understand", *ort, "--bundle", bundle],
+            ["run", "--bundle", "/nonexistent", "--backend", "tensorrt", "understand", "--bundle", bundle, *ort],
+        ],
+    ]
+    for group in same:
+        results = []
+        for argv in group:
+            code, out, err = run_cli(capsys, *argv, *common)
+            assert code == 0, (argv, err)
+            results.append(_without_timing(out))
+        assert results[0]["token_ids"] and all(result == results[0] for result in results[1:]), group
+    assert results[0]["backend"] == "onnxruntime"
+
+
+def test_run_task_help_lists_bundle_and_backend(capsys):
+    code, out, _ = run_cli(capsys, "run", "understand", "--help")
+    assert code == 0 and "--bundle BUNDLE" in out and "--backend {auto,onnxruntime,tensorrt}" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--stage", "9"], "argument --stage: invalid choice: 9"),
+        ([], "the following arguments are required: --stage"),
+        (["--stage", "1", "--max-steps", "many"], "argument --max-steps: invalid int value: 'many'"),
+        (["synthetic", "--count", "x"], "argument --count: invalid int value: 'x'"),
+    ],
+)
+def test_train_bad_input_is_one_clear_line(capsys, argv, message):
+    from haplo.commands.train import main as train_main
+
+    code = train_main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error:") and message in err, err

@@ -63,7 +63,7 @@ def official_bundle(tmp_path_factory):
 
 def test_every_graph_matches_torch(tiny_bundle):
     _, manifest = tiny_bundle
-    names = set(manifest["graphs"])
+    names = set(manifest.graphs)
     assert names == {
         "embed_text",
         "embed_vision",
@@ -75,37 +75,37 @@ def test_every_graph_matches_torch(tiny_bundle):
         "latent_head",
         "vae_decoder",
     }
-    assert all(err <= 1e-4 for err in manifest["parity"]["max_abs_error"].values())
-    assert all(cos >= 0.9999 for cos in manifest["parity"]["cosine"].values())
-    assert manifest["parity"]["ok"]
+    assert all(err <= 1e-4 for err in manifest.parity["max_abs_error"].values())
+    assert all(cos >= 0.9999 for cos in manifest.parity["cosine"].values())
+    assert manifest.parity["ok"]
 
 
 def test_official_checkpoint_graphs_match_torch(official_bundle):
     _, _, manifest = official_bundle
-    assert max(manifest["parity"]["max_abs_error"].values()) <= 1e-4
-    assert manifest["parity"]["token_agreement"] == 1.0
+    assert max(manifest.parity["max_abs_error"].values()) <= 1e-4
+    assert manifest.parity["token_agreement"] == 1.0
 
 
 def test_manifest_names_and_dims(tiny_bundle):
     out, manifest = tiny_bundle
-    base = manifest["graphs"]["base_decoder"]
-    names = [i["name"] for i in base["inputs"]]
+    base = manifest.graphs["base_decoder"]
+    names = [i.name for i in base.inputs]
     assert names[:3] == ["hidden_states", "position_ids", "key_start"]
     assert "past_key_values.2.key" in names and "past_key_values.3.value" in names
-    outputs = {o["name"]: o for o in base["outputs"]}
-    assert outputs["present.2.key"]["shape"] == ["batch", 2, "total_sequence", 16]
-    assert {i["name"]: i for i in base["inputs"]}["key_start"]["dtype"] == "int64"
-    assert base["layers"] == [2, 3]
+    outputs = {o.name: o for o in base.outputs}
+    assert outputs["present.2.key"].shape == ["batch", 2, "total_sequence", 16]
+    assert {i.name: i for i in base.inputs}["key_start"].dtype == "int64"
+    assert base.layers == [2, 3]
     assert (out / "report.md").exists() and json.loads((out / "parity.json").read_text())["graphs"]
 
 
 def test_custom_domain_nodes_and_functions(tiny_bundle):
     out, manifest = tiny_bundle
-    model = onnx.load(str(out / manifest["graphs"]["pre_decoder"]["file"]), load_external_data=False)
+    model = onnx.load(str(out / manifest.graphs["pre_decoder"].file), load_external_data=False)
     ops = {n.op_type for n in model.graph.node if n.domain == "haplo"}
     assert ops == {"MultimodalAdaLN", "HybridAttention"}
     assert {(f.domain, f.name) for f in model.functions} == {("haplo", "MultimodalAdaLN"), ("haplo", "HybridAttention")}
-    assert manifest["graphs"]["pre_decoder"]["custom_ops"] == ["HybridAttention", "MultimodalAdaLN"]
+    assert manifest.graphs["pre_decoder"].custom_ops == ["HybridAttention", "MultimodalAdaLN"]
 
 
 def test_decomposed_export_has_no_custom_nodes(tiny_model, tmp_path):
@@ -184,7 +184,9 @@ def test_killed_build_leaves_no_bundle(tmp_path):
     with pytest.raises(BundleError):
         Bundle.open(out)
     result = subprocess.run(
-        [sys.executable, "-m", "haplo.commands.main", "run", "--bundle", str(out), "understand"], capture_output=True, text=True
+        [sys.executable, "-m", "haplo.commands.main", "run", "--bundle", str(out), "understand"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2 and "error:" in result.stderr
 
@@ -238,10 +240,10 @@ def test_official_shaped_checkpoint_builds_at_its_default_video_size(tmp_path, c
         == 0
     )
     manifest = Bundle.open(tmp_path / "b").manifest
-    assert manifest["vae"]["video"] == [49, 480, 720] and manifest["vae"]["latent_shape"] == [13, 16, 60, 90]
-    assert manifest["graphs"]["vae_decoder"]["outputs"][0]["shape"] == [1, 3, 49, 480, 720]
-    assert manifest["parity"]["ok"] and manifest["parity"]["ddim_latent_shape"] == [3, 16, 8, 8]
-    assert manifest["parity"]["max_abs_error"]["vae_decoder"] <= 2 / 255
+    assert manifest.vae.video == [49, 480, 720] and manifest.vae.latent_shape == [13, 16, 60, 90]
+    assert manifest.graphs["vae_decoder"].outputs[0].shape == [1, 3, 49, 480, 720]
+    assert manifest.parity["ok"] and manifest.parity["ddim_latent_shape"] == [3, 16, 8, 8]
+    assert manifest.parity["max_abs_error"]["vae_decoder"] <= 2 / 255
 
 
 @pytest.mark.slow
@@ -256,6 +258,6 @@ def test_build_without_vae_and_generate_says_so(tiny_model, tmp_path):
         BundleEngines(),
         log=lambda _: None,
     )
-    assert "vae_decoder" not in manifest["graphs"] and manifest["vae"] is None and manifest["parity"]["ok"]
+    assert "vae_decoder" not in manifest.graphs and manifest.vae is None and manifest.parity["ok"]
     with pytest.raises(RequestError, match="no VAE decoder graph"):
         OrtBackend(tmp_path / "novae").check_vae_size((3, 16, 8, 8))

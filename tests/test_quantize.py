@@ -13,9 +13,9 @@ from haplo.bundle import Bundle, BundleError
 from haplo.cpuinfo import SATURATION_FREE_WEIGHT_MAX, CpuInfo
 from haplo.engines.bundle_engines import BundleEngines
 from haplo.engines.onnxruntime import OrtBackend
-from haplo.export import quantize
 from haplo.export.build import BuildOptions, build_bundle
-from haplo.export.quantize import QuantizationError, resolve_policy
+from haplo.export.quantize import policy, rewrite
+from haplo.export.quantize.policy import QuantizationError, resolve_policy
 from haplo.model.config import preset
 from haplo.model.modeling import HaploOmniForConditionalGeneration
 from haplo.model.tokenizer import build_tokenizer
@@ -58,17 +58,17 @@ def test_quantized_bundle(parts, tmp_path, precision, quant_type):
     manifest = _build(parts, tmp_path / precision, precision)
     bundle = Bundle.open(tmp_path / precision)
     for name in ("pre_decoder", "base_decoder", "post_decoder"):
-        assert manifest["graphs"][name]["precision"] == precision
+        assert manifest.graphs[name].precision == precision
         graph = onnx.load(str(bundle.graph_path(name)), load_external_data=False)
         dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
-        assert len(dq) > manifest["graphs"][name]["quantization"]["matmuls"]  # weights + activations
+        assert len(dq) > manifest.graphs[name].quantization["matmuls"]  # weights + activations
         weights = {t.name: t for t in graph.graph.initializer}
         assert any(weights[n.input[0]].data_type == quant_type for n in dq if n.input[0] in weights)
         assert any(n.domain == "haplo" for n in graph.graph.node)  # norms/attention stay in the custom ops
-        accuracy = manifest["quantization"]["accuracy"][name]
+        accuracy = manifest.quantization["accuracy"][name]
         assert accuracy["cosine"] >= 0.99 and accuracy["finite"]
-    assert manifest["graphs"]["lm_head"]["precision"] == "fp32"
-    parity = manifest["parity"]
+    assert manifest.graphs["lm_head"].precision == "fp32"
+    parity = manifest.parity
     assert parity["token_agreement"] >= 0.95 and parity["ddim_cosine"] >= 0.99 and parity["video_psnr_db"] > 20
     assert "accuracy" in (tmp_path / precision / "report.md").read_text()
     tokens = OrtBackend(bundle).embed_text(__import__("torch").tensor([[1, 2, 3]]))
@@ -89,10 +89,10 @@ def test_int8_activation_flavours(parts, tmp_path):
     graph = onnx.load(str(Bundle.open(tmp_path / "trt").graph_path("base_decoder")), load_external_data=False)
     zeros = {t.name: t for t in graph.graph.initializer if t.name.endswith("_act_zero")}
     assert zeros and all(t.data_type == onnx.TensorProto.INT8 for t in zeros.values())  # TensorRT: symmetric s8
-    assert manifest["quantization"]["int8_weights"]["range"] == "full"  # GPU kernels accumulate in int32
-    assert manifest["onnxruntime_optimization"] == "ORT_ENABLE_BASIC"  # Q/DQ as written on any CPU
-    assert manifest["graphs"]["pre_decoder"]["precision"] == "fp32"
-    assert any("down_proj" in m for m in manifest["graphs"]["base_decoder"]["quantization"]["kept_fp32"])
+    assert manifest.quantization["int8_weights"]["range"] == "full"  # GPU kernels accumulate in int32
+    assert manifest.onnxruntime_optimization == "ORT_ENABLE_BASIC"  # Q/DQ as written on any CPU
+    assert manifest.graphs["pre_decoder"].precision == "fp32"
+    assert any("down_proj" in m for m in manifest.graphs["base_decoder"].quantization["kept_fp32"])
 
 
 def test_policy_errors(parts, tmp_path):
@@ -115,14 +115,14 @@ def _int8_weights(path) -> list[np.ndarray]:
 @pytest.mark.slow
 def test_reduced_int8_fits_every_x86_cpu_and_full_is_refused_where_it_would_saturate(parts, tmp_path, monkeypatch):
     manifest = _build(parts, tmp_path / "reduced", "int8", int8_weights="reduced")
-    weights = manifest["quantization"]["int8_weights"]
+    weights = manifest.quantization["int8_weights"]
     assert weights["range"] == "reduced" and weights["max"] == SATURATION_FREE_WEIGHT_MAX == 64
-    assert manifest["build_machine"]["cpu"]["isa"] and manifest["parity"]["token_agreement"] >= 0.95
+    assert manifest.build_machine["cpu"]["isa"] and manifest.parity["token_agreement"] >= 0.95
     bundle = Bundle.open(tmp_path / "reduced")
     for name in ("pre_decoder", "base_decoder", "post_decoder"):
         ints = _int8_weights(bundle.graph_path(name))
         assert ints and max(int(np.abs(w.astype(np.int32)).max()) for w in ints) <= 64
-        assert manifest["graphs"][name]["quantization"]["int8_weight_max"] == 64
+        assert manifest.graphs[name].quantization["int8_weight_max"] == 64
     from haplo.engines import onnxruntime as ort_engine
 
     monkeypatch.setattr(ort_engine, "cpu_info", lambda: AVX2)
@@ -153,11 +153,11 @@ def test_reduced_int8_fits_every_x86_cpu_and_full_is_refused_where_it_would_satu
     ],
 )
 def test_int8_weight_range_follows_the_cpu(cpu, target, choice, expected):
-    plan = quantize.int8_weight_plan(choice, target, cpu)
+    plan = policy.int8_weight_plan(choice, target, cpu)
     assert plan["max"] == expected and plan["build_cpu"] == cpu.describe()
     assert (plan["exact_on"] == "any CPU") == (expected == 64 or target == "tensorrt")
     with pytest.raises(QuantizationError, match="--int8-weights"):
-        quantize.int8_weight_plan("7bit", target, cpu)
+        policy.int8_weight_plan("7bit", target, cpu)
 
 
 def _avx2_u8s8(a: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -172,10 +172,10 @@ def _avx2_u8s8(a: np.ndarray, w: np.ndarray) -> np.ndarray:
 def test_full_range_int8_saturates_without_vnni_and_reduced_does_not(weight_max, saturates):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((256, 64)).astype(np.float32)
-    tensors, _ = quantize._weight_quant("w", weight, "int8", weight_max)
+    tensors, _ = rewrite._weight_quant("w", weight, "int8", weight_max)
     w_q = numpy_helper.to_array(tensors[0])
     lo, hi = -1.0, 6.0  # a post-activation range: large positive inputs, zero point near 36
-    scale, zero = (numpy_helper.to_array(t) for t in quantize._activation_params("x", lo, hi, "int8", "onnxruntime"))
+    scale, zero = (numpy_helper.to_array(t) for t in rewrite._activation_params("x", lo, hi, "int8", "onnxruntime"))
     x = rng.uniform(lo, hi, (32, 256)).astype(np.float32)
     x[:, :32] = hi  # a few saturated channels, as after a norm
     a_q = np.clip(np.round(x / scale) + zero, 0, 255).astype(np.uint8)

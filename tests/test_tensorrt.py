@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from haplo.bundle import Bundle
+from haplo.bundle import Bundle, GraphEntry, TensorSpec
 from haplo.engines import tensorrt as trt_engines
 from haplo.engines.bundle_engines import BundleEngines
 from haplo.export.build import BuildOptions, build_bundle
@@ -44,14 +44,12 @@ def test_prepared_nodes_bind_to_the_registered_plugins(tiny_model, tmp_path, trt
 
 
 def test_profiles_cover_prefill_and_decode():
-    entry = {
-        "layers": [0, 1],
-        "inputs": [
-            {"name": "hidden_states", "shape": ["batch", "sequence", 64]},
-            {"name": "key_start", "shape": ["batch", "total_sequence"]},
-            {"name": "past_key_values.0.key", "shape": ["batch", 4, "past_sequence", 16]},
-        ],
-    }
+    inputs = [
+        TensorSpec("hidden_states", "float32", ["batch", "sequence", 64]),
+        TensorSpec("key_start", "int64", ["batch", "total_sequence"]),
+        TensorSpec("past_key_values.0.key", "float32", ["batch", 4, "past_sequence", 16]),
+    ]
+    entry = GraphEntry("graphs/g.onnx", None, inputs, [], "fp32", [0, 1], "", [], {})
     ranges = trt_engines.ShapeRanges(prompt=(1, 32, 256), past=(1, 64, 512), visual_tokens=(1, 16, 128))
     profiles = trt_engines.graph_profiles(entry, ranges)
     assert list(profiles) == ["prefill", "decode"]
@@ -106,7 +104,7 @@ def test_compiled_kernels_match_reference_on_gpu():
     # Outside the interpreter: Triton compiles the kernels for this GPU.
     script = (
         "import torch\n"
-        "from haplo import ops\n"
+        "from haplo.model import ops\n"
         "from haplo.engines.plugins import kernels\n"
         "q, k, v = torch.randn(2, 6, 40, 64, device='cuda'), torch.randn(2, 2, 40, 64, device='cuda'), "
         "torch.randn(2, 2, 40, 64, device='cuda')\n"
@@ -131,11 +129,11 @@ def test_compiled_kernels_match_reference_on_gpu():
 @pytest.mark.gpu
 def test_tensorrt_engines_use_the_plugins_and_match_torch(tiny_model, trt_bundle):
     out, manifest = trt_bundle
-    assert set(manifest["engines"]) == set(manifest["graphs"])
+    assert set(manifest.engines) == set(manifest.graphs)
     for name in ("pre_decoder", "base_decoder", "post_decoder"):
-        assert manifest["engines"][name]["plugins"] == ["haplo::HybridAttention", "haplo::MultimodalAdaLN"]
-        assert manifest["engines"][name]["profiles"] == ["prefill", "decode"]
-    assert manifest["requirements"]
+        assert manifest.engines[name]["plugins"] == ["haplo::HybridAttention", "haplo::MultimodalAdaLN"]
+        assert manifest.engines[name]["profiles"] == ["prefill", "decode"]
+    assert manifest.requirements
     backend = trt_engines.TensorRTBackend(Bundle.open(out))
     processor = HaploOmniProcessor(build_tokenizer(tiny_model.config), tiny_model.config)
     batch = dict(
@@ -157,7 +155,7 @@ def test_tensorrt_engines_use_the_plugins_and_match_torch(tiny_model, trt_bundle
 @pytest.mark.gpu
 def test_engine_is_rebuilt_when_its_graph_changed(trt_bundle):
     out, manifest = trt_bundle
-    plan = Bundle.open(out).path(manifest["engines"]["lm_head"]["file"])
+    plan = Bundle.open(out).path(manifest.engines["lm_head"]["file"])
     sidecar = plan.with_suffix(trt_engines.METADATA_SUFFIX)
     meta = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**meta, "source_sha256": "0" * 64}))
@@ -172,7 +170,7 @@ def test_engine_is_rebuilt_when_its_graph_changed(trt_bundle):
 @pytest.mark.gpu
 def test_fp8_engines_build_and_agree(tiny_model, tmp_path):
     manifest = _build_trt(tiny_model, tmp_path / "fp8", precision="fp8")
-    assert manifest["graphs"]["base_decoder"]["precision"] == "fp8"
+    assert manifest.graphs["base_decoder"].precision == "fp8"
     backend = trt_engines.TensorRTBackend(Bundle.open(tmp_path / "fp8"))
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     reference = understand(

@@ -149,7 +149,7 @@ def test_stage3_checkpoint_loads_and_builds(stage1, data, tmp_path):
         BundleEngines(),
         log=lambda _: None,
     )
-    assert manifest["parity"]["ok"]
+    assert manifest.parity["ok"]
 
 
 def test_config_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""Triton kernels for the two HaploOmni operators, and launchers with `haplo.ops` signatures.
+"""Triton kernels for the two HaploOmni operators, and launchers with `haplo.model.ops` signatures.
 
 Both kernels take their tensor inputs first, then int32 scalars, then their outputs: the argument
 order TensorRT's AOT plugins launch with (inputs, extra scalar args, outputs), so the same kernel
@@ -29,7 +29,7 @@ import triton.language as tl
 from haplo.model import ops
 
 # Kernel globals must be constexpr.
-MASKED_START = tl.constexpr(2**30)  # haplo.ops.MASKED_START: never visible
+MASKED_START = tl.constexpr(2**30)  # haplo.model.ops.MASKED_START: never visible
 LOG2E = tl.constexpr(1.4426950408889634)
 
 # Tile configurations of the attention kernel, by TensorRT tactic number (tactic 0 = default = 1).
@@ -196,7 +196,7 @@ def attention_tactic(query_rows: int) -> int:
     return 2 if query_rows <= 16 else 1
 
 
-# -- launchers (haplo.ops signatures) ------------------------------------------------------------------
+# -- launchers (haplo.model.ops signatures) ------------------------------------------------------------------
 
 
 def multimodal_adaln(
@@ -211,7 +211,7 @@ def multimodal_adaln(
     mode: str = "rmsnorm",
     outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`haplo.ops.multimodal_adaln` on the Triton kernel. Returns (modulated, gate), both like x.
+    """`haplo.model.ops.reference_multimodal_adaln` on the Triton kernel. Returns (modulated, gate), both like x.
 
     `outputs`: contiguous tensors like x to write into (a plugin's output buffers).
     """
@@ -247,7 +247,7 @@ def hybrid_attention(
     tactic: int | None = None,
     output: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`haplo.ops.hybrid_attention` on the Triton kernel. Returns [B, Hq, Lq, D].
+    """`haplo.model.ops.reference_hybrid_attention` on the Triton kernel. Returns [B, Hq, Lq, D].
 
     `tactic`: a key of ATTENTION_TILES (default: by the number of packed query rows); `output`: a
     contiguous tensor like query to write into.
@@ -288,8 +288,10 @@ def hybrid_attention(
     return out
 
 
-@contextlib.contextmanager
-def routed_to_triton():
+OPERATORS = "triton"
+ops.register(OPERATORS, ops.Operators(multimodal_adaln, hybrid_attention))
+
+
+def routed_to_triton() -> contextlib.AbstractContextManager:
     """While active, the PyTorch model's operator calls run on these kernels (inference only)."""
-    with ops.routed_to(multimodal_adaln, hybrid_attention):
-        yield
+    return ops.using(OPERATORS)

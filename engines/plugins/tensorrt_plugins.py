@@ -4,7 +4,7 @@ Each plugin is registered with its shape/type function, an autotune function (th
 accepts and, for attention, two tile tactics TensorRT times), an `aot_impl` that compiles the
 Triton kernel to PTX for the build GPU (embedded in the engine: no Python at run time), and an
 `impl` that launches the same kernel from Python (used only by networks created with
-PREFER_JIT_PYTHON_PLUGINS, e.g. to debug a plugin). engines/tensorrt.py builds with
+PREFER_JIT_PYTHON_PLUGINS, e.g. to debug a plugin). haplo.engines.tensorrt builds with
 PREFER_AOT_PYTHON_PLUGINS.
 
 Inputs and attributes are those of the `haplo`-domain ONNX nodes (export/custom_ops.py), in the

@@ -2,7 +2,8 @@
 
     haplo-train synthetic --out data/synthetic --count 64
     haplo-train --stage 1 --config configs/train-tiny.yaml
-    haplo-train --stage 2 --step 1 --config configs/train-tiny.yaml --resume-from runs/s21/checkpoint-50
+    haplo-train --stage 2 --step 1 --checkpoint runs/s1/checkpoint-50 --output-dir runs/s21
+    haplo-train --stage 2 --step 1 ... --resume-from runs/s21/checkpoint-50   (continue an interrupted run)
     accelerate launch --num_processes 8 -m haplo.commands.train --stage 3 --config configs/train.yaml
 
 Bad input ends with one `error:` line and exit code 2.
@@ -15,9 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from haplo.commands.common import Parser
+from haplo.errors import HaploError
+
 
 def synthetic_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="haplo-train synthetic", description="videos of moving coloured shapes with captions (JSONL + mp4)"
     )
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"))
@@ -30,7 +34,7 @@ def synthetic_parser() -> argparse.ArgumentParser:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="haplo-train",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,54 +66,65 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from haplo.errors import HaploError
-    from haplo.training.config import TrainConfig
+def _synthetic(args: argparse.Namespace) -> int:
     from haplo.training.data import make_synthetic_dataset
+
+    path = make_synthetic_dataset(args.out, args.count, args.frames, args.height, args.width, args.seed)
+    print(f"wrote {path} ({args.count} videos, {2 * args.count} records)")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig of `--config` (or the paper defaults) with the flags given on top."""
+    from haplo.training.config import TrainConfig
+
+    overrides = {
+        "stage": args.stage,
+        "step": args.step,
+        "data": args.data,
+        "output_dir": args.output_dir,
+        "checkpoint": args.checkpoint,
+        "resume_from": args.resume_from,
+        "max_steps": args.max_steps,
+        "learning_rate": args.learning_rate,
+        "batch_size": args.batch_size,
+        "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "seed": args.seed,
+        "priors": args.priors,
+    }
+    if args.config:
+        return TrainConfig.from_yaml(args.config, **overrides)
+    return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _train(args: argparse.Namespace) -> int:
     from haplo.training.trainer import train
 
+    state = train(_train_config(args))
+    losses = state["losses"]
+    summary = {
+        "steps": state["step"],
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "checkpoints": state["checkpoints"][-1:],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    synthetic = bool(argv) and argv[0] == "synthetic"
     try:
-        if argv and argv[0] == "synthetic":
-            args = synthetic_parser().parse_args(argv[1:])
-            path = make_synthetic_dataset(args.out, args.count, args.frames, args.height, args.width, args.seed)
-            print(f"wrote {path} ({args.count} videos, {2 * args.count} records)")
-            return 0
-        args = train_parser().parse_args(argv)
-        overrides = {
-            "stage": args.stage,
-            "step": args.step,
-            "data": args.data,
-            "output_dir": args.output_dir,
-            "checkpoint": args.checkpoint,
-            "resume_from": args.resume_from,
-            "max_steps": args.max_steps,
-            "learning_rate": args.learning_rate,
-            "batch_size": args.batch_size,
-            "mixed_precision": args.mixed_precision,
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "seed": args.seed,
-            "priors": args.priors,
-        }
-        if args.config:
-            cfg = TrainConfig.from_yaml(args.config, **overrides)
-        else:
-            cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-        state = train(cfg)
-        print(
-            json.dumps(
-                {
-                    "steps": state["step"],
-                    "first_loss": state["losses"][0] if state["losses"] else None,
-                    "last_loss": state["losses"][-1] if state["losses"] else None,
-                    "checkpoints": state["checkpoints"][-1:],
-                }
-            )
-        )
+        args = synthetic_parser().parse_args(argv[1:]) if synthetic else train_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or one `error:` line from Parser
+        return int(stop.code or 0)
+    try:
+        return _synthetic(args) if synthetic else _train(args)
     except HaploError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ class MultimodalNorm(nn.Module):
         super().__init__()
         self.mode, self.eps, self.modulated = mode, eps, modulated
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias: nn.Parameter | None
         if mode == "layernorm":
             self.bias = nn.Parameter(torch.zeros(hidden_size))
         else:

@@ -136,11 +136,13 @@ class HaploOmniModel(nn.Module):
     def embed_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values [N, 3, S, S] (one tile each) or [N, T, 3, S, S] -> per image [tokens, pre width]."""
         newline = self.image_newline if self.config.base.image_newline else None
-        return vision.embed_images(self.patch_features, pixel_values, image_sizes, newline, self.config.base)
+        images = vision.image_tiles(pixel_values, image_sizes, self.config.base)
+        return vision.pack_images(self.patch_features(images.pixels), images, newline, self.config.base)
 
     def embed_videos(self, pixel_values_videos: torch.Tensor) -> list[torch.Tensor]:
         """[B, F, 3, S, S] -> per video [F * P + 1, pre width] (frames, then one newline)."""
-        return vision.embed_videos(self.patch_features, pixel_values_videos, self.image_newline)
+        features = self.patch_features(pixel_values_videos.flatten(0, 1))
+        return vision.pack_videos(features, pixel_values_videos.shape[0], self.image_newline)
 
     def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None, pixel_values_videos=None):
         """Text embeddings with image/video features scattered, in order, into the placeholder ids."""
@@ -183,7 +185,7 @@ class HaploOmniModel(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, key_start, output_hidden_states: bool = False):
         """pre -> base -> post over a whole sequence. Returns (last_decoder_hidden_state, hidden_states)."""
-        hidden_states = [] if output_hidden_states else None
+        hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
         x = inputs_embeds
         for stage in STAGES:
             x, _ = self.stage_forward(stage, x, position_ids, key_start, None, hidden_states)
@@ -291,13 +293,14 @@ class HaploOmniForConditionalGeneration(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 normal(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    bias.zero_()
             elif isinstance(module, (nn.LayerNorm, MultimodalNorm)):
                 module.weight.fill_(1.0)
                 if module.bias is not None:
                     module.bias.zero_()
-                if getattr(module, "modulated", False):
+                if isinstance(module, MultimodalNorm) and module.modulated:
                     for table in (module.SSG_C, module.SSG_L):
                         table.zero_()
                         table[2] = 1.0  # gate rows: the residual branches start un-gated

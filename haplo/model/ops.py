@@ -2,7 +2,9 @@
 
 `multimodal_adaln` (paper Algorithm 1, as the official code realises it) and `hybrid_attention`
 (scaled dot-product attention under the block-start mask). The model calls them through this
-module, so export can route the same calls to custom ops and TensorRT to plugins.
+module, which dispatches to the active entry of an explicit registry (`IMPLEMENTATIONS`): the
+reference below, the ONNX custom ops while exporting (`haplo.export.custom_ops`), the Triton
+kernels of the TensorRT plugins (`haplo.engines.plugins.kernels`). `using(name)` activates one.
 
 Block-start mask. Every key position j carries `key_start[b, j]`, the smallest absolute query
 position allowed to see it; key j is visible to query i iff `key_start[b, j] <= i`. Text tokens
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 MASKED_START = 2**30
 
 
-def multimodal_adaln(
+def reference_multimodal_adaln(
     x: torch.Tensor,  # [..., H]
     weight: torch.Tensor,  # [H]
     bias: torch.Tensor | None,  # [H] (layernorm mode only)
@@ -62,7 +65,7 @@ def block_mask(key_start: torch.Tensor, query_len: int) -> torch.Tensor:
     return key_start[:, None, None, :] <= query_pos[None, None, :, None]
 
 
-def hybrid_attention(
+def reference_hybrid_attention(
     query: torch.Tensor,  # [B, Hq, Lq, D]
     key: torch.Tensor,  # [B, Hkv, Lk, D]
     value: torch.Tensor,  # [B, Hkv, Lk, D]
@@ -95,13 +98,48 @@ def apply_padding(key_start: torch.Tensor, attention_mask: torch.Tensor | None) 
     return torch.where(attention_mask.bool(), key_start, torch.full_like(key_start, MASKED_START))
 
 
+# -- the registry the model's calls dispatch through --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Operators:
+    """One implementation of both operators, with the reference's signatures."""
+
+    multimodal_adaln: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    hybrid_attention: Callable[..., torch.Tensor]
+
+
+REFERENCE = Operators(reference_multimodal_adaln, reference_hybrid_attention)
+IMPLEMENTATIONS: dict[str, Operators] = {"reference": REFERENCE}
+_active: list[str] = ["reference"]  # a stack: the last entry is in use
+
+
+def register(name: str, operators: Operators) -> None:
+    """Make an implementation available to `using(name)`."""
+    IMPLEMENTATIONS[name] = operators
+
+
+def active() -> Operators:
+    return IMPLEMENTATIONS[_active[-1]]
+
+
 @contextlib.contextmanager
-def routed_to(adaln: Callable, attention: Callable) -> Iterator[None]:
-    """While active, the model's calls of the two operators go to these implementations."""
-    global multimodal_adaln, hybrid_attention
-    saved = multimodal_adaln, hybrid_attention
-    multimodal_adaln, hybrid_attention = adaln, attention
+def using(name: str) -> Iterator[None]:
+    """While active, the model's operator calls go to the implementation registered as `name`."""
+    if name not in IMPLEMENTATIONS:
+        raise KeyError(f"no operator implementation {name!r}; registered: {', '.join(IMPLEMENTATIONS)}")
+    _active.append(name)
     try:
         yield
     finally:
-        multimodal_adaln, hybrid_attention = saved
+        _active.pop()
+
+
+def multimodal_adaln(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's call of `reference_multimodal_adaln`, on the active implementation."""
+    return active().multimodal_adaln(*args, **kwargs)
+
+
+def hybrid_attention(*args, **kwargs) -> torch.Tensor:
+    """The model's call of `reference_hybrid_attention`, on the active implementation."""
+    return active().hybrid_attention(*args, **kwargs)

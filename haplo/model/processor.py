@@ -77,14 +77,15 @@ class HaploOmniProcessor:
         new_h = min(math.ceil(image.height * scale), target_h)
         canvas = np.zeros((target_h, target_w, 3), dtype=np.uint8)
         top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
-        canvas[top : top + new_h, left : left + new_w] = np.asarray(image.resize((new_w, new_h), Image.BICUBIC))
+        resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        canvas[top : top + new_h, left : left + new_w] = np.asarray(resized)
         s = self.tile
         tiles = canvas.reshape(target_h // s, s, target_w // s, s, 3).swapaxes(1, 2).reshape(-1, s, s, 3)
         return normalize(tiles), size
 
     def video_frames(self, video) -> np.ndarray:
         """[F, H, W, 3] uint8 array or a list of frames -> [F, 3, S, S] (each frame resized to S x S)."""
-        frames = [load_image(f).resize((self.tile, self.tile), Image.BICUBIC) for f in video]
+        frames = [load_image(f).resize((self.tile, self.tile), Image.Resampling.BICUBIC) for f in video]
         if not frames:
             raise ProcessorError("a video has no frames")
         return normalize(np.stack([np.asarray(f) for f in frames]))
@@ -142,10 +143,10 @@ class HaploOmniProcessor:
                     pieces.append(IMAGE_TOKEN * count)
                     row_blocks.append([count])  # the whole image (and its newlines) is one block
                 elif part == VIDEO_TOKEN:
-                    frames = next(video_iter)
+                    num_frames = next(video_iter)
                     per_frame = vision.patches_per_side(self.stage) ** 2
-                    pieces.append(VIDEO_TOKEN * vision.video_token_count(frames, self.stage))
-                    row_blocks.append([per_frame] * frames + [1])  # one block per frame, newline alone
+                    pieces.append(VIDEO_TOKEN * vision.video_token_count(num_frames, self.stage))
+                    row_blocks.append([per_frame] * num_frames + [1])  # one block per frame, newline alone
                 else:
                     pieces.append(part)
             expanded.append("".join(pieces))

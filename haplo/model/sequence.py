@@ -31,13 +31,13 @@ def scatter_visual_features(
             if count:
                 raise ValueError(f"input_ids hold {count} {kind} placeholders but no {kind} pixels were given")
             continue
-        features = torch.cat(list(features))
-        if features.shape[0] != count:
+        stacked = torch.cat(list(features))
+        if stacked.shape[0] != count:
             raise ValueError(
-                f"{kind} features give {features.shape[0]} tokens but input_ids hold {count} "
+                f"{kind} features give {stacked.shape[0]} tokens but input_ids hold {count} "
                 f"{kind} placeholders; build inputs with HaploOmniProcessor"
             )
-        embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+        embeds = embeds.masked_scatter(slots[..., None], stacked.to(embeds.dtype))
     return embeds
 
 

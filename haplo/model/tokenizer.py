@@ -85,3 +85,12 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def tokenizer_for(config: HaploOmniConfig, *directories: str | Path | None) -> PreTrainedTokenizerBase:
+    """The tokenizer of the first of `directories` that holds tokenizer files (an explicit
+    --tokenizer, then the checkpoint's), else the built-in one for `config`."""
+    for directory in directories:
+        if directory is not None and (Path(directory) / "tokenizer_config.json").exists():
+            return load_tokenizer(directory)
+    return build_tokenizer(config)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLCogVideoX
+
+# the defining module: type checkers read diffusers' top-level name as its dummy placeholder class
+from diffusers.models.autoencoders.autoencoder_kl_cogvideox import AutoencoderKLCogVideoX
 
 from haplo.errors import HaploError
 from haplo.model.config import HaploOmniConfig
@@ -65,5 +67,5 @@ def vae_for_checkpoint(checkpoint: str | Path | None, config: HaploOmniConfig, v
 @torch.no_grad()
 def decode_latents(vae: AutoencoderKLCogVideoX, latents: torch.Tensor) -> torch.Tensor:
     """[B, F, C, h, w] latents -> [B, 3, frames, H, W] video in [-1, 1]."""
-    latents = latents.permute(0, 2, 1, 3, 4).to(vae.dtype) / vae.config.scaling_factor
+    latents = latents.permute(0, 2, 1, 3, 4).to(vae.dtype) / vae.config["scaling_factor"]
     return vae.decode(latents).sample.clamp(-1, 1)

@@ -15,7 +15,7 @@ Modes (`image_aspect_ratio`):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -117,16 +117,19 @@ def pack_image_embeds(
     return fmap.flatten(1).transpose(0, 1)
 
 
-def embed_images(
-    patch_features: Callable[[torch.Tensor], torch.Tensor],
-    pixel_values: torch.Tensor,  # [N, 3, S, S] (one tile per image) or [N, T, 3, S, S] (processor tiles)
-    image_sizes: torch.Tensor,  # [N, 2] original (height, width)
-    newline: torch.Tensor | None,  # [D], or None when the stage has no newline token
-    stage: StageConfig,
-) -> list[torch.Tensor]:
-    """Processor pixels -> per image [tokens, D]: every real tile through `patch_features`
-    ([tiles, 3, S, S] -> [tiles, P, D], a module or an engine), then packed in placeholder order."""
-    sizes = [tuple(int(v) for v in s) for s in image_sizes]
+@dataclass
+class ImageTiles:
+    """The real tiles of a batch of images, in order, and how they split back into images."""
+
+    pixels: torch.Tensor  # [sum(tiles), 3, S, S]
+    tiles: list[int]  # tiles per image
+    sizes: list[tuple[int, int]]  # original (height, width) per image
+
+
+def image_tiles(pixel_values: torch.Tensor, image_sizes: torch.Tensor, stage: StageConfig) -> ImageTiles:
+    """Processor pixels, [N, 3, S, S] (one tile per image) or [N, T, 3, S, S] (padded tile lists),
+    -> the tiles the patch embedding sees."""
+    sizes = [(int(height), int(width)) for height, width in image_sizes]
     tiles = [num_image_tiles(s, stage) for s in sizes]
     if pixel_values.dim() == 5:
         pixel_values = torch.cat([px[:n] for px, n in zip(pixel_values, tiles)])
@@ -134,17 +137,21 @@ def embed_images(
         tiles = [1] * len(sizes)
     else:
         raise ValueError(f"pixel_values must be 4-D or 5-D, got shape {tuple(pixel_values.shape)}")
-    features = patch_features(pixel_values)
-    return [pack_image_embeds(f, s, newline, stage) for f, s in zip(torch.split(features, tiles), sizes)]
+    return ImageTiles(pixel_values, tiles, sizes)
 
 
-def embed_videos(
-    patch_features: Callable[[torch.Tensor], torch.Tensor],
-    pixel_values_videos: torch.Tensor,  # [B, F, 3, S, S]
-    newline: torch.Tensor,  # [D]
+def pack_images(
+    features: torch.Tensor,  # [sum(tiles), P, D]: the patch features of `images.pixels`
+    images: ImageTiles,
+    newline: torch.Tensor | None,  # [D], or None when the stage has no newline token
+    stage: StageConfig,
 ) -> list[torch.Tensor]:
-    """[B, F, 3, S, S] -> per video [F * P + 1, D]: every frame's patches, then one newline token."""
-    batch = pixel_values_videos.shape[0]
-    features = patch_features(pixel_values_videos.flatten(0, 1))
+    """Per image [tokens, D], in placeholder order (what the processor counted)."""
+    per_image = torch.split(features, images.tiles)
+    return [pack_image_embeds(f, size, newline, stage) for f, size in zip(per_image, images.sizes)]
+
+
+def pack_videos(features: torch.Tensor, batch: int, newline: torch.Tensor) -> list[torch.Tensor]:
+    """Patch features of every frame [B * F, P, D] -> per video [F * P + 1, D]: frames, then a newline."""
     features = features.reshape(batch, -1, features.shape[-1])
     return [torch.cat([f, newline[None].to(f)]) for f in features]

@@ -7,7 +7,9 @@ the batch of every denoiser call is [negative prompts, prompts].
 from __future__ import annotations
 
 import torch
-from diffusers import CogVideoXDDIMScheduler
+
+# the defining module: type checkers read diffusers' top-level name as its dummy placeholder class
+from diffusers.schedulers.scheduling_ddim_cogvideox import CogVideoXDDIMScheduler
 from tqdm.auto import tqdm
 
 from haplo.errors import RequestError
@@ -58,6 +60,8 @@ def predict_v(
         sequence, key_start, position_ids = generation_sequence(text, time_token, latent_tokens, attention_mask)
         hidden, _ = run_stack(backend, sequence, position_ids, key_start)
     else:
+        if prefix.key_start is None or prefix.next_position is None:
+            raise ValueError("prefix holds no cached text; build it with encode_prompt")
         key_start, position_ids = denoise_positions(prefix.key_start, prefix.next_position, num_visual)
         hidden, _ = run_stack(backend, torch.cat([time_token, latent_tokens], 1), position_ids, key_start, prefix.past)
     return backend.latent_head(hidden[:, -num_visual:], temb, tuple(latents.shape))

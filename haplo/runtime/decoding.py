@@ -54,7 +54,11 @@ def embed_understanding(
     pixel_values_videos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Text embeddings with the images' and videos' features in their placeholders: [B, L, pre width]."""
-    images = None if pixel_values is None else backend.embed_images(pixel_values, image_sizes)
+    images = None
+    if pixel_values is not None:
+        if image_sizes is None:
+            raise RequestError("pixel_values need image_sizes (the processor gives both)")
+        images = backend.embed_images(pixel_values, image_sizes)
     videos = None if pixel_values_videos is None else backend.embed_videos(pixel_values_videos)
     return scatter_visual_features(backend.config, input_ids, backend.embed_text(input_ids), images, videos)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import CogVideoXDDIMScheduler
+
+# the defining module: type checkers read diffusers' top-level name as its dummy placeholder class
+from diffusers.schedulers.scheduling_ddim_cogvideox import CogVideoXDDIMScheduler
 
 from haplo.runtime.backend import Backend
 from haplo.runtime.ddim import denoise, make_scheduler

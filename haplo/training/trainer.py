@@ -31,14 +31,17 @@ class TrainingError(HaploError, ValueError):
     pass
 
 
+def _source(cfg: TrainConfig) -> str | None:
+    """The checkpoint the run starts from: the one resumed, else the one given (None: a preset)."""
+    return cfg.resume_from or cfg.checkpoint
+
+
 def load_model(cfg: TrainConfig):
     from haplo.model.config import preset
     from haplo.model.modeling import HaploOmniForConditionalGeneration
 
-    if cfg.resume_from:
-        return HaploOmniForConditionalGeneration.from_pretrained(cfg.resume_from, dtype=torch.float32)
-    if cfg.checkpoint:
-        return HaploOmniForConditionalGeneration.from_pretrained(cfg.checkpoint, dtype=torch.float32)
+    if _source(cfg):
+        return HaploOmniForConditionalGeneration.from_pretrained(_source(cfg), dtype=torch.float32)
     return HaploOmniForConditionalGeneration.from_config(preset(cfg.preset or "tiny-priors"), seed=cfg.seed)
 
 
@@ -93,7 +96,7 @@ class Examples:
         if index not in self._latents:
             gen = self.config.video_generation
             record = self.records[index]
-            frames = load_frames(record, "video" if record.get("video") else "image")
+            frames = load_frames(record, _media(record))
             count = gen.num_frames if record.get("video") else 1
             self._latents[index] = encode_video_latents(self.vae, frames, count, gen.height, gen.width)
         return self._latents[index]
@@ -106,12 +109,17 @@ class Examples:
             "attention_mask": encoded["attention_mask"],
             "latents": self.latents(index),
         }
-        frame = load_frames(record, "video" if record.get("video") else "image")[0]
+        frame = load_frames(record, _media(record))[0]
         batch["tile"] = torch.from_numpy(self.processor.video_frames([frame]))  # [1, 3, S, S]
         return batch
 
     def understanding_batch(self, index: int) -> dict:
         return understanding_example(self.processor, self.records[index], self.cfg.video_frames)
+
+
+def _media(record: dict) -> str:
+    """The key of a generation record's media: its video, else its image (a one-frame video)."""
+    return "video" if record.get("video") else "image"
 
 
 def example_at(position: int, pool: list[int], seed: int) -> int:
@@ -123,124 +131,163 @@ def example_at(position: int, pool: list[int], seed: int) -> int:
 
 def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run one stage (or stage-2 step). Returns the trainer state (losses per step, checkpoints)."""
-    from diffusers import CogVideoXDDIMScheduler
-
-    from haplo.model.processor import HaploOmniProcessor
-    from haplo.model.tokenizer import build_tokenizer, load_tokenizer
-    from haplo.model.vae import vae_for_checkpoint
-    from haplo.runtime.ddim import make_scheduler
-
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     log = log or (lambda line: accelerator.print(line))
     torch.manual_seed(cfg.seed)
-    source = cfg.resume_from or cfg.checkpoint
     model = load_model(cfg)
-    config = model.config
-    state = {"losses": [], "step": 0, "checkpoints": []}
-    if cfg.resume_from:
-        state = json.loads((Path(cfg.resume_from) / STATE_FILE).read_text())
-        if state.get("stage") != cfg.stage or state.get("step_of_stage") != cfg.step:
-            raise TrainingError(
-                f"{cfg.resume_from} is a stage {state.get('stage')} checkpoint; resume it with the same --stage/--step"
-            )
-    clip = qwen = cog = None
-    if cfg.stage == 1:
-        clip, qwen, cog = load_priors(cfg, config)
-        if clip is None or cog is None:
-            raise TrainingError(
-                "stage 1 distils from CLIP-ViT and CogVideoX: set clip/cogvideox directories in "
-                "the config, or priors: random for a demo"
-            )
-        if not cfg.resume_from and not cfg.checkpoint:
-            from haplo.training.priors import init_from_priors
-
-            report = init_from_priors(model, clip, qwen, cog, cfg.frozen_timestep)
-            log(f"initialised {len(report.sources)} parameters from priors")
-    tokenizer_dir = Path(source) if source and (Path(source) / "tokenizer_config.json").exists() else None
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else build_tokenizer(config)
-    processor = HaploOmniProcessor(tokenizer, config)
-    vae = vae_for_checkpoint(source, config)
-    scheduler: CogVideoXDDIMScheduler = make_scheduler(config.video_generation)
-    examples = Examples(cfg, processor, vae, config)
-    kinds = examples.kinds_for(cfg.stage, cfg.step)
-
-    if cfg.gradient_checkpointing:
-        model.model.gradient_checkpointing = True
-    groups = stages.select_parameters(model, cfg.stage, cfg.step)
-    lrs = {"post": cfg.post_learning_rate}
-    optimizer = torch.optim.AdamW(
-        [{"params": params, "lr": lrs.get(name) or cfg.learning_rate, "name": name} for name, params in groups.items()],
-        betas=cfg.adam_betas,
-        weight_decay=cfg.weight_decay,
-    )
-    warmup = max(cfg.warmup_steps, 0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    model.train()
-    model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
-    if cfg.resume_from:
-        accelerator.load_state(str(Path(cfg.resume_from) / "state"))
-    raw = accelerator.unwrap_model(model)
-    clip_teacher = clip.eval().requires_grad_(False) if clip is not None else None
-    cog_teacher = stages.CogVideoXTeacher(cog) if cog is not None else None
-
-    def micro_loss(position: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + position)
-        kind = kinds[position % len(kinds)]
-        pool = examples.understanding if kind == "understanding" else examples.generation
-        index = example_at(position // len(kinds), pool, cfg.seed)
-        if kind == "understanding":
-            return stages.next_token_loss(model, examples.understanding_batch(index))
-        batch = examples.generation_batch(index)
-        if cfg.stage == 1:
-            return stages.pre_warmup_loss(raw, clip_teacher, batch, cfg.pre_loss_weights) + stages.post_warmup_loss(
-                raw, cog_teacher, scheduler, batch, generator, cfg.post_loss_weights
-            )
-        return stages.diffusion_loss(raw, scheduler, batch, generator)
-
-    def probe_loss() -> float:
-        """The stage loss on a fixed probe (the first batch's examples and noise), without updates."""
-        with torch.no_grad(), accelerator.autocast():
-            return sum(float(micro_loss(p)) for p in range(cfg.batch_size)) / cfg.batch_size
-
-    output = Path(cfg.output_dir)
-    start = state["step"]
+    state = _initial_state(cfg)
+    clip, cog = _stage1_priors(cfg, model, log)
+    trainer = _Trainer(cfg, accelerator, model, clip, cog)
     state.setdefault("probe_loss", {})
     if not cfg.resume_from:
-        state["probe_loss"]["before"] = probe_loss()
+        state["probe_loss"]["before"] = trainer.probe_loss()
     bar = tqdm(
-        range(start, cfg.max_steps),
+        range(state["step"], cfg.max_steps),
         desc=f"stage {cfg.stage}" + (f".{cfg.step}" if cfg.step else ""),
         disable=not accelerator.is_local_main_process,
-        initial=start,
+        initial=state["step"],
         total=cfg.max_steps,
     )
     for step in bar:
+        total = trainer.optimisation_step(step)
+        state["losses"].append(total)
+        state["step"] = step + 1
+        bar.set_postfix(loss=f"{total:.4f}")
+        trainer.log_loss(step + 1, total)
+        if step + 1 == cfg.max_steps:
+            state["probe_loss"]["after"] = trainer.probe_loss()
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps:
+            path = trainer.save(state, step + 1)
+            state["checkpoints"].append(str(path))
+            log(f"saved {path}")
+    return state
+
+
+def _initial_state(cfg: TrainConfig) -> dict:
+    """A fresh trainer state, or the one of the checkpoint resumed (which must be of this stage)."""
+    if not cfg.resume_from:
+        return {"losses": [], "step": 0, "checkpoints": []}
+    state = json.loads((Path(cfg.resume_from) / STATE_FILE).read_text())
+    if state.get("stage") != cfg.stage or state.get("step_of_stage") != cfg.step:
+        raise TrainingError(
+            f"{cfg.resume_from} is a stage {state.get('stage')} checkpoint; resume it with the same --stage/--step"
+        )
+    return state
+
+
+def _stage1_priors(cfg: TrainConfig, model, log: Callable[[str], None]) -> tuple:
+    """Stage 1's teachers (clip, cogvideox), the model initialised from the priors when it starts
+    fresh; (None, None) for the other stages."""
+    if cfg.stage != 1:
+        return None, None
+    clip, qwen, cog = load_priors(cfg, model.config)
+    if clip is None or cog is None:
+        raise TrainingError(
+            "stage 1 distils from CLIP-ViT and CogVideoX: set clip/cogvideox directories in "
+            "the config, or priors: random for a demo"
+        )
+    if not cfg.resume_from and not cfg.checkpoint:
+        from haplo.training.priors import init_from_priors
+
+        report = init_from_priors(model, clip, qwen, cog, cfg.frozen_timestep)
+        log(f"initialised {len(report.sources)} parameters from priors")
+    return clip, cog
+
+
+class _Trainer:
+    """One stage's run: the data, the prepared model and optimiser, the teachers, and the step."""
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, model, clip=None, cog=None):
+        from haplo.model.processor import HaploOmniProcessor
+        from haplo.model.tokenizer import tokenizer_for
+        from haplo.model.vae import vae_for_checkpoint
+        from haplo.runtime.ddim import make_scheduler
+
+        self.cfg, self.accelerator, self.output = cfg, accelerator, Path(cfg.output_dir)
+        source = _source(cfg)
+        config = model.config
+        self.tokenizer = tokenizer_for(config, source or None)
+        processor = HaploOmniProcessor(self.tokenizer, config)
+        self.vae = vae_for_checkpoint(source, config)
+        self.scheduler = make_scheduler(config.video_generation)
+        self.examples = Examples(cfg, processor, self.vae, config)
+        self.kinds = self.examples.kinds_for(cfg.stage, cfg.step)
+        self._prepare(model)
+        self.clip_teacher = clip.eval().requires_grad_(False) if clip is not None else None
+        self.cog_teacher = stages.CogVideoXTeacher(cog) if cog is not None else None
+
+    def _prepare(self, model) -> None:
+        """The stage's parameter groups, AdamW with linear warm-up, all through accelerate (and the
+        optimiser state of the checkpoint resumed)."""
+        cfg = self.cfg
+        if cfg.gradient_checkpointing:
+            model.model.gradient_checkpointing = True
+        self.groups = stages.select_parameters(model, cfg.stage, cfg.step)
+        lrs = {"post": cfg.post_learning_rate}
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": ps, "lr": lrs.get(name) or cfg.learning_rate, "name": name}
+                for name, ps in self.groups.items()
+            ],
+            betas=cfg.adam_betas,
+            weight_decay=cfg.weight_decay,
+        )
+        warmup = max(cfg.warmup_steps, 0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        model.train()
+        self.model, self.optimizer, self.lr_schedule = self.accelerator.prepare(model, optimizer, schedule)
+        if cfg.resume_from:
+            self.accelerator.load_state(str(Path(cfg.resume_from) / "state"))
+        self.raw = self.accelerator.unwrap_model(self.model)
+
+    def micro_loss(self, position: int) -> torch.Tensor:
+        """The stage loss of the example (and noise) at a global position."""
+        cfg, examples = self.cfg, self.examples
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + position)
+        kind = self.kinds[position % len(self.kinds)]
+        pool = examples.understanding if kind == "understanding" else examples.generation
+        index = example_at(position // len(self.kinds), pool, cfg.seed)
+        if kind == "understanding":
+            return stages.next_token_loss(self.model, examples.understanding_batch(index))
+        batch = examples.generation_batch(index)
+        if cfg.stage == 1:
+            pre = stages.pre_warmup_loss(self.raw, self.clip_teacher, batch, cfg.pre_loss_weights)
+            weights = cfg.post_loss_weights
+            return pre + stages.post_warmup_loss(self.raw, self.cog_teacher, self.scheduler, batch, generator, weights)
+        return stages.diffusion_loss(self.raw, self.scheduler, batch, generator)
+
+    def probe_loss(self) -> float:
+        """The stage loss on a fixed probe (the first batch's examples and noise), without updates."""
+        with torch.no_grad(), self.accelerator.autocast():
+            return sum(float(self.micro_loss(p)) for p in range(self.cfg.batch_size)) / self.cfg.batch_size
+
+    def optimisation_step(self, step: int) -> float:
+        """Accumulate `batch_size` micro-batches, clip, step; returns the step's loss."""
+        cfg, accelerator = self.cfg, self.accelerator
         total = 0.0
         for micro in range(cfg.batch_size):
             position = (step * cfg.batch_size + micro) * accelerator.num_processes + accelerator.process_index
             with accelerator.autocast():
-                loss = micro_loss(position) / cfg.batch_size
+                loss = self.micro_loss(position) / cfg.batch_size
             accelerator.backward(loss)
             total += float(loss.detach())
         if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_([p for g in groups.values() for p in g], cfg.max_grad_norm)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["losses"].append(total)
-        state["step"] = step + 1
-        bar.set_postfix(loss=f"{total:.4f}")
-        if cfg.log_every and (step + 1) % cfg.log_every == 0 and accelerator.is_main_process:
-            output.mkdir(parents=True, exist_ok=True)
-            with open(output / "losses.jsonl", "a") as f:
-                f.write(json.dumps({"step": step + 1, "loss": total, "lr": lr_schedule.get_last_lr()[0]}) + "\n")
-        if step + 1 == cfg.max_steps:
-            state["probe_loss"]["after"] = probe_loss()
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps:
-            path = save_checkpoint(accelerator, model, tokenizer, vae, cfg, state, output / f"checkpoint-{step + 1}")
-            state["checkpoints"].append(str(path))
-            log(f"saved {path}")
-    return state
+            accelerator.clip_grad_norm_([p for g in self.groups.values() for p in g], cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def log_loss(self, done: int, loss: float) -> None:
+        """Every `log_every` steps, a line of losses.jsonl (main process)."""
+        if self.cfg.log_every and done % self.cfg.log_every == 0 and self.accelerator.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            with open(self.output / "losses.jsonl", "a") as f:
+                f.write(json.dumps({"step": done, "loss": loss, "lr": self.lr_schedule.get_last_lr()[0]}) + "\n")
+
+    def save(self, state: dict, done: int) -> Path:
+        path = self.output / f"checkpoint-{done}"
+        return save_checkpoint(self.accelerator, self.model, self.tokenizer, self.vae, self.cfg, state, path)
 
 
 def save_checkpoint(accelerator, model, tokenizer, vae, cfg: TrainConfig, state: dict, path: Path) -> Path:

@@ -1,0 +1,94 @@
+"""The runtime backend over a bundle's TensorRT engines (rebuilt when stale, unless told not to)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from haplo.artifacts import sha256_file
+from haplo.bundle import STAGE_GRAPHS, Bundle, BundleError
+from haplo.engines.graph_backend import GraphBackend
+from haplo.engines.tensorrt.builder import EngineOptions, build_engine, load_metadata
+from haplo.engines.tensorrt.runner import EngineRunner
+from haplo.engines.tensorrt.status import EngineError, require_tensorrt
+from haplo.model.ops import MASKED_START
+
+
+class TensorRTBackend(GraphBackend):
+    """The runtime over a bundle's engines: device-resident KV cache, CUDA graphs for repeated shapes.
+
+    TensorRT profiles need past length >= 1, so every decoder call carries one dead cache slot in
+    front (zeros, key start MASKED_START: never visible); the runtime's block starts are shifted
+    by one to match, so masks and RoPE positions are unchanged.
+    """
+
+    name = "tensorrt"
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle | str, **kwargs) -> TensorRTBackend:
+        return cls(bundle, **kwargs)
+
+    def __init__(self, bundle: Bundle | str, cuda_graphs: bool = True, rebuild: bool = True):
+        super().__init__(bundle)
+        require_tensorrt()
+        if not self.bundle.manifest.engines:
+            raise BundleError(
+                f"{self.bundle.root}: the bundle has no TensorRT engines; build it with "
+                "`haplo-export build --target tensorrt` on a machine with an NVIDIA GPU"
+            )
+        self.cuda_graphs, self.rebuild = cuda_graphs, rebuild
+        self.runners: dict[str, EngineRunner] = {}
+        self.slots = {stage: 0 for stage in STAGE_GRAPHS}
+
+    def _check_engine(self, graph: str, plan: Path, source: Path) -> None:
+        """Rebuild a stale engine from its sidecar's profiles, or say why it cannot run (rebuild=False)."""
+        meta = load_metadata(plan)
+        reason = meta.mismatch(sha256_file(source))
+        if reason is None:
+            return
+        if not self.rebuild:
+            raise EngineError(f"{plan}: {reason}; rebuild the bundle's engines")
+        profiles = {
+            p: {n: tuple(tuple(s) for s in v) for n, v in shapes.items()} for p, shapes in meta.profiles.items()
+        }
+        build_engine(graph, source, plan, profiles, meta.precision, EngineOptions(refit=meta.refittable))
+
+    def runner(self, graph: str) -> EngineRunner:
+        if graph not in self.runners:
+            entry = self.bundle.manifest.engines[graph]
+            plan, source = self.bundle.path(entry["file"]), self.bundle.graph_path(graph)
+            self._check_engine(graph, plan, source)
+            self.runners[graph] = EngineRunner(plan, cuda_graphs=self.cuda_graphs)
+        return self.runners[graph]
+
+    def run(self, graph: str, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        runner = self.runner(graph)
+        out = runner(inputs)
+        return [out[name].float().cpu() for name in runner.outputs]
+
+    def run_stage(
+        self, stage: str, hidden: torch.Tensor, position_ids: torch.Tensor, key_start: torch.Tensor, past=None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        graph = STAGE_GRAPHS[stage]
+        layers = self.bundle.graphs[graph].layers
+        batch = hidden.shape[0]
+        key_start = key_start.long()
+        key_start = torch.where(key_start < MASKED_START, key_start + 1, key_start)
+        key_start = torch.cat([torch.full((batch, 1), MASKED_START, dtype=torch.long), key_start], dim=1)
+        if past is None:
+            cfg = self.config.stages[stage]
+            dead = torch.zeros(batch, cfg.num_key_value_heads, 1, cfg.head_dim, device="cuda")
+            past = [dead] * (2 * len(layers))
+        feeds = {"hidden_states": hidden, "position_ids": position_ids.long(), "key_start": key_start}
+        for i, n in enumerate(layers):
+            feeds[f"past_key_values.{n}.key"], feeds[f"past_key_values.{n}.value"] = past[2 * i], past[2 * i + 1]
+        # Alternate output slots: this call's present must not overwrite the past it reads.
+        self.slots[stage] ^= 1
+        out = self.runner(graph)(feeds, profile=1 if hidden.shape[1] == 1 else 0, slot=self.slots[stage])
+        presents = [out[f"present.{n}.{kind}"] for n in layers for kind in ("key", "value")]
+        return out["hidden_states_out"].float().cpu(), presents
+
+    def keep_cache(self, past: list[torch.Tensor]) -> list[torch.Tensor]:
+        # A cache reused by many later calls (the text prefix) must leave the runner's output arenas.
+        return [t.clone() for t in past]

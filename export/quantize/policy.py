@@ -1,0 +1,87 @@
+"""Which graph gets which precision, and the INT8 weight range for the CPUs a bundle is for.
+
+The default policy quantizes the decoders (they carry the weights) and keeps the heads, the embeddings
+and the VAE in fp32 (small, and the most sensitive). The INT8 weight range follows the CPU: x86 CPUs
+without VNNI add u8 x s8 product pairs in saturating int16 (`haplo.cpuinfo`), so weights stay within
++-64 there ("reduced"); CPUs with VNNI / AMX, and TensorRT, get the full +-127.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from haplo.cpuinfo import SATURATION_FREE_WEIGHT_MAX, cpu_info
+from haplo.errors import HaploError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+QUANTIZED = ("int8", "fp8")
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+INT8_MAX = 127.0
+INT8_WEIGHT_RANGES = ("auto", "full", "reduced")
+# Modules whose matmuls stay fp32 whatever the policy: the per-token switch logits.
+ALWAYS_FP32 = ("indicator",)
+
+
+class QuantizationError(HaploError, ValueError):
+    pass
+
+
+def default_policy(precision: str) -> dict[str, str]:
+    """Graph -> precision. Decoders carry the weights; heads, embeddings and the VAE stay fp32 for
+    Q/DQ (small, and the most sensitive); casts also cover the vision embedding and the LM head."""
+    if precision not in PRECISIONS:
+        raise QuantizationError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    decoders = {"pre_decoder": precision, "base_decoder": precision, "post_decoder": precision}
+    if precision in ("fp16", "bf16"):
+        decoders.update(embed_vision=precision, lm_head=precision)
+    return decoders
+
+
+def resolve_policy(precision: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    policy = default_policy(precision)
+    for graph, value in (overrides or {}).items():
+        if value not in PRECISIONS:
+            raise QuantizationError(f"--graph-precision {graph}={value}: unknown precision")
+        policy[graph] = value
+    return policy
+
+
+@dataclass
+class QuantizeOptions:
+    precision: str = "fp32"
+    flavor: str = "onnxruntime"  # int8 activation scheme: "onnxruntime" (u8, asymmetric) | "tensorrt" (s8)
+    policy: dict[str, str] = field(default_factory=dict)  # graph -> precision, after overrides
+    exclude: tuple[str, ...] = ()  # module-name regexes kept in fp32
+
+    def to_dict(self) -> dict:
+        return {
+            "precision": self.precision,
+            "flavor": self.flavor,
+            "policy": self.policy,
+            "exclude": list(self.exclude),
+        }
+
+
+def int8_weight_plan(choice: str, target: str, cpu=None) -> dict:
+    """The INT8 weight range: "full" (+-127) or "reduced" (+-64, exact on every x86 CPU).
+
+    "auto" takes full where it is exact: for TensorRT (GPU integer kernels accumulate in int32; ONNX
+    Runtime runs that flavour's Q/DQ in float) and on CPUs with an int32 u8 x s8 dot product."""
+
+    if choice not in INT8_WEIGHT_RANGES:
+        raise QuantizationError(f"--int8-weights {choice!r}: choose one of {', '.join(INT8_WEIGHT_RANGES)}")
+    cpu = cpu or cpu_info()
+    if choice == "auto":
+        choice = "full" if target == "tensorrt" or cpu.int8_dot_int32 else "reduced"
+    full = choice == "full"
+    needs = (
+        "any CPU"
+        if not full or target == "tensorrt"
+        else "a CPU with an int32 u8 x s8 dot product (x86 with AVX512-VNNI, AVX-VNNI or AMX; non-x86)"
+    )
+    return {
+        "range": choice,
+        "max": int(INT8_MAX) if full else SATURATION_FREE_WEIGHT_MAX,
+        "build_cpu": cpu.describe(),
+        "exact_on": needs,
+    }

@@ -1,0 +1,221 @@
+"""The graph rewrite: explicit Q/DQ (FP8 E4M3, INT8) and casts (FP16, BF16) in an exported graph.
+
+For a weight MatMul of a quantized module:
+
+    x -> QuantizeLinear(s_x) -> DequantizeLinear(s_x) -> MatMul <- DequantizeLinear(s_w, axis=1) <- W_q
+
+with per-tensor activation scales and per-output-channel weight scales, the placement TensorRT fuses
+into quantized GEMMs. INT8 comes in two flavours: `tensorrt` (symmetric signed activations, zero
+point 0, what TensorRT requires) and `onnxruntime` (asymmetric uint8 activations with int8 weights,
+the U8S8 pattern ONNX Runtime's x86 kernels fuse into integer matmuls).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from haplo.export.quantize.policy import ALWAYS_FP32, FP8_MAX, INT8_MAX, QUANTIZED
+
+
+def _module_of(node: onnx.NodeProto) -> str | None:
+    """The nn.Module a node came from, from the exporter's name-scope metadata."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s for s in json.loads(prop.value.replace("'", '"')) if s]
+            modules = [s for s in scopes if "." in s or s in ("lm_head",)]
+            return modules[-1] if modules else (scopes[-2] if len(scopes) > 1 else None)
+    return None
+
+
+def _lookup(ranges: dict[str, list[float]], module: str) -> list[float] | None:
+    if module in ranges:
+        return ranges[module]
+    matches = [name for name in ranges if name.endswith("." + module) or module.endswith("." + name)]
+    return ranges[matches[0]] if len(matches) == 1 else None
+
+
+def _fp8_tensor(name: str, values: np.ndarray) -> TensorProto:
+    raw = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.float8_e4m3fn)
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT8E4M3FN, dims=list(values.shape))
+    tensor.raw_data = raw.view(torch.uint8).numpy().tobytes()
+    return tensor
+
+
+def _cast_tensor(name: str, values: np.ndarray, precision: str) -> TensorProto:
+    if precision == "fp16":
+        return numpy_helper.from_array(values.astype(np.float16), name)
+    raw = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
+    tensor = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=list(values.shape))
+    tensor.raw_data = raw.view(torch.int16).numpy().tobytes()
+    return tensor
+
+
+def _weight_quant(
+    name: str, weight: np.ndarray, precision: str, int8_max: float = INT8_MAX
+) -> tuple[list[TensorProto], float]:
+    """Per-output-channel symmetric weights of a [K, N] MatMul operand: (tensors, relative error)."""
+    amax = np.abs(weight).max(axis=0)
+    amax = np.where(amax > 0, amax, 1.0).astype(np.float32)
+    if precision == "int8":
+        scale = (amax / int8_max).astype(np.float32)
+        q = np.clip(np.round(weight / scale), -int8_max, int8_max).astype(np.int8)
+        restored = q.astype(np.float32) * scale
+        tensors = [
+            numpy_helper.from_array(q, name + "_q"),
+            numpy_helper.from_array(scale, name + "_scale"),
+            numpy_helper.from_array(np.zeros_like(q, shape=scale.shape), name + "_zero"),
+        ]
+    else:
+        scale = (amax / FP8_MAX).astype(np.float32)
+        fp8 = torch.from_numpy(weight / scale).to(torch.float8_e4m3fn)
+        restored = fp8.float().numpy() * scale
+        tensors = [
+            _fp8_tensor(name + "_q", weight / scale),
+            numpy_helper.from_array(scale, name + "_scale"),
+            _fp8_tensor(name + "_zero", np.zeros(scale.shape, np.float32)),
+        ]
+    error = float(np.linalg.norm(restored - weight) / max(np.linalg.norm(weight), 1e-30))
+    return tensors, error
+
+
+def _activation_params(name: str, lo: float, hi: float, precision: str, flavor: str) -> list[TensorProto]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if precision == "fp8":
+        scale = max(abs(lo), abs(hi)) / FP8_MAX or 1.0
+        return [
+            numpy_helper.from_array(np.array(scale, np.float32), name + "_scale"),
+            _fp8_tensor(name + "_zero", np.zeros((), np.float32)),
+        ]
+    if flavor == "onnxruntime":  # uint8 asymmetric: the U8S8 integer kernels
+        scale = (hi - lo) / 255.0 or 1.0
+        zero = int(np.clip(round(-lo / scale), 0, 255))
+        return [
+            numpy_helper.from_array(np.array(scale, np.float32), name + "_scale"),
+            numpy_helper.from_array(np.array(zero, np.uint8), name + "_zero"),
+        ]
+    scale = max(abs(lo), abs(hi)) / INT8_MAX or 1.0  # TensorRT: symmetric, zero point 0
+    return [
+        numpy_helper.from_array(np.array(scale, np.float32), name + "_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), name + "_zero"),
+    ]
+
+
+def rewrite_graph(
+    model: onnx.ModelProto,
+    precision: str,
+    ranges: dict[str, list[float]] | None,
+    flavor: str = "onnxruntime",
+    exclude: tuple[str, ...] = (),
+    int8_max: float = INT8_MAX,
+) -> dict:
+    """Rewrite every weight MatMul of `model` in place to `precision`. Returns what was done."""
+    if precision == "fp32":
+        return {"matmuls": 0}
+    inits = {t.name: t for t in model.graph.initializer}
+    patterns = [re.compile(p) for p in exclude]
+    new_nodes, new_inits, done, kept, weight_errors = [], [], [], [], []
+    activations: dict[str, str] = {}  # fp32 tensor -> its Q/DQ (or Cast) output, shared by consumers
+    dead_weights = set()
+    for node in model.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2:
+            new_nodes.append(node)
+            continue
+        module = _module_of(node) or ""
+        if any(k in module for k in ALWAYS_FP32) or any(p.search(module) for p in patterns):
+            kept.append(module)
+            new_nodes.append(node)
+            continue
+        x, w_name = node.input[0], node.input[1]
+        values = numpy_helper.to_array(weight)
+        if precision in QUANTIZED:
+            rng = _lookup(ranges or {}, module)
+            if rng is None:
+                kept.append(module)
+                new_nodes.append(node)
+                continue
+            tensors, error = _weight_quant(w_name, values, precision, int8_max)
+            weight_errors.append(error)
+            new_inits += tensors
+            new_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [t.name for t in tensors],
+                    [w_name + "_dq"],
+                    name=w_name + "_DequantizeLinear",
+                    axis=1,
+                )
+            )
+            if x not in activations:
+                params = _activation_params(f"{x}_act", *rng, precision, flavor)
+                new_inits += params
+                names = [params[0].name, params[1].name]
+                new_nodes.append(
+                    helper.make_node("QuantizeLinear", [x, *names], [x + "_q"], name=x + "_QuantizeLinear")
+                )
+                new_nodes.append(
+                    helper.make_node("DequantizeLinear", [x + "_q", *names], [x + "_dq"], name=x + "_DequantizeLinear")
+                )
+                activations[x] = x + "_dq"
+            node.input[0], node.input[1] = activations[x], w_name + "_dq"
+            new_nodes.append(node)
+        else:  # fp16 / bf16: the matmul runs in the low precision, the rest of the graph in fp32
+            low = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.BFLOAT16
+            new_inits.append(_cast_tensor(w_name + "_low", values, precision))
+            if x not in activations:
+                new_nodes.append(helper.make_node("Cast", [x], [x + "_low"], name=x + "_Cast", to=low))
+                activations[x] = x + "_low"
+            out = node.output[0]
+            node.input[0], node.input[1], node.output[0] = activations[x], w_name + "_low", out + "_low"
+            new_nodes.append(node)
+            new_nodes.append(helper.make_node("Cast", [out + "_low"], [out], name=out + "_Cast", to=TensorProto.FLOAT))
+        dead_weights.add(w_name)
+        done.append(module)
+    still_used = {i for n in new_nodes for i in n.input}
+    kept_inits = [t for t in model.graph.initializer if t.name not in dead_weights or t.name in still_used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_inits + new_inits)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return {
+        "matmuls": len(done),
+        "kept_fp32": sorted(set(kept)),
+        "weight_relative_error_max": max(weight_errors) if weight_errors else None,
+        "weight_relative_error_mean": float(np.mean(weight_errors)) if weight_errors else None,
+    }
+
+
+def quantize_graph_file(
+    path: Path,
+    precision: str,
+    ranges: dict | None,
+    flavor: str,
+    exclude: tuple[str, ...] = (),
+    int8_weights: dict | None = None,
+) -> dict:
+    """Rewrite an exported graph (with its external data) in place, atomically."""
+    model = onnx.load(str(path))  # weights included, so the old data file can go
+    int8_max = float((int8_weights or {}).get("max", INT8_MAX))
+    summary = rewrite_graph(model, precision, ranges, flavor, exclude, int8_max)
+    if precision == "int8":
+        summary["int8_weight_max"] = int(int8_max)
+    data = path.with_name(path.name + ".data")
+    staged = path.with_name(f".{path.name}.tmp")
+    data.unlink(missing_ok=True)  # inside the build's temporary directory: a failure discards it all
+    onnx.save_model(
+        model,
+        str(staged),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    staged.replace(path)
+    return summary
