@@ -26,6 +26,7 @@ from haplo.bench import report, workloads
 from haplo.bench.roofline import bundle_decode_weight_bytes, memory_bandwidth_gbs, roofline, torch_decode_weight_bytes
 from haplo.bench.timing import PeakRSS, TimedBackend, gpu_peak_memory_mib
 from haplo.errors import HaploError
+from haplo.model.config import STAGES
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
@@ -114,8 +115,7 @@ class CompiledTorchBackend:
         # Stages share stage_forward's code: each (stage, prefill/decode) is its own compiled entry.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled = {
-            stage: torch.compile(functools.partial(model.model.stage_forward, stage), dynamic=True)
-            for stage in ("pre", "base", "post")
+            stage: torch.compile(functools.partial(model.model.stage_forward, stage), dynamic=True) for stage in STAGES
         }
         head = torch.compile(lambda h: model.lm_head(model.model.lm_hidden(h)), dynamic=True)
 

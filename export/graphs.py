@@ -128,136 +128,137 @@ def graph_specs(model, vae=None, latent_shape: tuple[int, int, int, int] | None 
     `latent_shape` (frames, C, h, w) fixes the VAE decoder's latent size (its causal 3-D convs
     unroll over frames); the other graphs are dynamic in every named dimension.
     """
-    cfg = model.config
-    pre, base, post = cfg.pre.hidden_size, cfg.base.hidden_size, cfg.post.hidden_size
-    gen = cfg.video_generation
-    s, patches = cfg.base.default_image_size, cfg.tokens_per_tile
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g)
-
-    def ids(*shape):
-        return torch.randint(0, cfg.vocab_size, shape, generator=g)
-
-    specs = [
-        GraphSpec(
-            "embed_text",
-            EmbedText(model),
-            {"input_ids": ids(2, 5)},
-            ["inputs_embeds"],
-            {"input_ids": ["batch", "sequence"], "inputs_embeds": ["batch", "sequence", pre]},
-            {"input_ids": ids(1, 9)},
-        ),
-        GraphSpec(
-            "embed_vision",
-            EmbedVision(model),
-            {"pixel_values": randn(2, 3, s, s)},
-            ["patch_features"],
-            {"pixel_values": ["num_tiles", 3, s, s], "patch_features": ["num_tiles", patches, pre]},
-            {"pixel_values": randn(3, 3, s, s)},
-        ),
-    ]
-    c, p = gen.latent_channels, gen.latent_patch_size
-    specs.append(
-        GraphSpec(
-            "embed_generation",
-            EmbedGeneration(model),
-            {"latents": randn(2, 2, c, 2 * p, 3 * p), "timestep": torch.tensor([999, 500])},
-            ["time_token", "latent_tokens", "temb"],
-            {
-                "latents": ["batch", "latent_frames", c, "latent_height", "latent_width"],
-                "timestep": ["batch"],
-                "time_token": ["batch", 1, pre],
-                "latent_tokens": ["batch", "visual_tokens", pre],
-                "temb": ["batch", gen.time_embed_dim],
-            },
-            {"latents": randn(1, 3, c, 4 * p, 2 * p), "timestep": torch.tensor([250])},
-        )
-    )
-    for stage, name in STAGE_GRAPHS.items():
-        stage_cfg = cfg.stages[stage]
-        width_in = {"pre": pre, "base": base, "post": post}[stage]
-        width_out = {"pre": base, "base": post, "post": post}[stage]
-        layers = list(model.model.stage_layers(stage))
-        kv, hd = stage_cfg.num_key_value_heads, stage_cfg.head_dim
-
-        def stage_inputs(batch, length, past, layers=layers, width_in=width_in, kv=kv, hd=hd):
-            inputs = {
-                "hidden_states": randn(batch, length, width_in),
-                "position_ids": torch.arange(past, past + length).expand(batch, length).contiguous(),
-                "key_start": torch.arange(past + length).expand(batch, past + length).contiguous(),
-            }
-            for n in layers:
-                inputs[f"past_key_values.{n}.key"] = randn(batch, kv, past, hd)
-                inputs[f"past_key_values.{n}.value"] = randn(batch, kv, past, hd)
-            return inputs
-
-        dims = {
-            "hidden_states": ["batch", "sequence", width_in],
-            "position_ids": ["batch", "sequence"],
-            "key_start": ["batch", "total_sequence"],
-            "hidden_states_out": ["batch", "sequence", width_out],
-        }
-        outputs = ["hidden_states_out"]
-        for n in layers:
-            for kind in ("key", "value"):
-                dims[f"past_key_values.{n}.{kind}"] = ["batch", kv, "past_sequence", hd]
-                dims[f"present.{n}.{kind}"] = ["batch", kv, "total_sequence", hd]
-                outputs.append(f"present.{n}.{kind}")
-        specs.append(
-            GraphSpec(
-                name, DecoderStage(model, stage), stage_inputs(2, 5, 3), outputs, dims, stage_inputs(1, 1, 7), layers
-            )
-        )
-    specs.append(
-        GraphSpec(
-            "lm_head",
-            LMHead(model),
-            {"last_decoder_hidden_state": randn(2, 5, post)},
-            ["logits"],
-            {"last_decoder_hidden_state": ["batch", "sequence", post], "logits": ["batch", "sequence", cfg.vocab_size]},
-            {"last_decoder_hidden_state": randn(1, 1, post)},
-        )
-    )
-    specs.append(
-        GraphSpec(
-            "latent_head",
-            LatentHead(model),
-            {
-                "hidden_states": randn(2, 2 * 1 * 3, post),
-                "temb": randn(2, gen.time_embed_dim),
-                "latents": randn(2, 2, c, p, 3 * p),
-            },
-            ["sample"],
-            {
-                "hidden_states": ["batch", "visual_tokens", post],
-                "temb": ["batch", gen.time_embed_dim],
-                "latents": ["batch", "latent_frames", c, "latent_height", "latent_width"],
-                "sample": ["batch", "latent_frames", c, "latent_height", "latent_width"],
-            },
-            {
-                "hidden_states": randn(1, 3 * 2 * 1, post),
-                "temb": randn(1, gen.time_embed_dim),
-                "latents": randn(1, 3, c, 2 * p, p),
-            },
-        )
-    )
+    r = _Samples(model.config.vocab_size)
+    specs = [_embed_text(model, r), _embed_vision(model, r), _embed_generation(model, r)]
+    specs += [_decoder_stage(model, stage, name, r) for stage, name in STAGE_GRAPHS.items()]
+    specs += [_lm_head(model, r), _latent_head(model, r)]
     if vae is not None and latent_shape is not None:
-        # Static: the causal 3-D convolutions unroll over frames; the backend decodes row by row.
-        frames, channels, h, w = latent_shape
-        comp, tcomp = gen.vae_spatial_compression, gen.vae_temporal_compression
-        specs.append(
-            GraphSpec(
-                "vae_decoder",
-                VAEDecoder(vae),
-                {"latents": randn(1, channels, frames, h, w)},
-                ["video"],
-                {"latents": [1, channels, frames, h, w], "video": [1, 3, (frames - 1) * tcomp + 1, h * comp, w * comp]},
-                {},
-            )
-        )  # one sample: the graph is static, and at 480 x 720 x 49 each check takes a minute
+        specs.append(_vae_decoder(vae, latent_shape, model.config.video_generation, r))
     return specs
+
+
+class _Samples:
+    """Seeded sample tensors, drawn in the order the specs are made."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.generator = vocab_size, torch.Generator().manual_seed(0)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator)
+
+    def ids(self, *shape: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab_size, shape, generator=self.generator)
+
+
+def _embed_text(model, r: _Samples) -> GraphSpec:
+    pre = model.config.pre.hidden_size
+    dims = {"input_ids": ["batch", "sequence"], "inputs_embeds": ["batch", "sequence", pre]}
+    return GraphSpec(
+        "embed_text", EmbedText(model), {"input_ids": r.ids(2, 5)}, ["inputs_embeds"], dims, {"input_ids": r.ids(1, 9)}
+    )
+
+
+def _embed_vision(model, r: _Samples) -> GraphSpec:
+    cfg = model.config
+    s, pre = cfg.base.default_image_size, cfg.pre.hidden_size
+    dims = {"pixel_values": ["num_tiles", 3, s, s], "patch_features": ["num_tiles", cfg.tokens_per_tile, pre]}
+    sample, check = {"pixel_values": r.randn(2, 3, s, s)}, {"pixel_values": r.randn(3, 3, s, s)}
+    return GraphSpec("embed_vision", EmbedVision(model), sample, ["patch_features"], dims, check)
+
+
+def _embed_generation(model, r: _Samples) -> GraphSpec:
+    pre, gen = model.config.pre.hidden_size, model.config.video_generation
+    c, p = gen.latent_channels, gen.latent_patch_size
+    dims = {
+        "latents": ["batch", "latent_frames", c, "latent_height", "latent_width"],
+        "timestep": ["batch"],
+        "time_token": ["batch", 1, pre],
+        "latent_tokens": ["batch", "visual_tokens", pre],
+        "temb": ["batch", gen.time_embed_dim],
+    }
+    sample = {"latents": r.randn(2, 2, c, 2 * p, 3 * p), "timestep": torch.tensor([999, 500])}
+    check = {"latents": r.randn(1, 3, c, 4 * p, 2 * p), "timestep": torch.tensor([250])}
+    return GraphSpec(
+        "embed_generation", EmbedGeneration(model), sample, ["time_token", "latent_tokens", "temb"], dims, check
+    )
+
+
+def _decoder_stage(model, stage: str, name: str, r: _Samples) -> GraphSpec:
+    cfg = model.config
+    widths = {"pre": cfg.pre.hidden_size, "base": cfg.base.hidden_size, "post": cfg.post.hidden_size}
+    width_in, width_out = widths[stage], widths[{"pre": "base", "base": "post", "post": "post"}[stage]]
+    layers = list(cfg.stage_layers(stage))
+    kv, hd = cfg.stages[stage].num_key_value_heads, cfg.stages[stage].head_dim
+
+    def inputs(batch: int, length: int, past: int) -> dict[str, torch.Tensor]:
+        sample = {
+            "hidden_states": r.randn(batch, length, width_in),
+            "position_ids": torch.arange(past, past + length).expand(batch, length).contiguous(),
+            "key_start": torch.arange(past + length).expand(batch, past + length).contiguous(),
+        }
+        for n in layers:
+            sample[f"past_key_values.{n}.key"] = r.randn(batch, kv, past, hd)
+            sample[f"past_key_values.{n}.value"] = r.randn(batch, kv, past, hd)
+        return sample
+
+    dims = {
+        "hidden_states": ["batch", "sequence", width_in],
+        "position_ids": ["batch", "sequence"],
+        "key_start": ["batch", "total_sequence"],
+        "hidden_states_out": ["batch", "sequence", width_out],
+    }
+    outputs = ["hidden_states_out"]
+    for n in layers:
+        for kind in ("key", "value"):
+            dims[f"past_key_values.{n}.{kind}"] = ["batch", kv, "past_sequence", hd]
+            dims[f"present.{n}.{kind}"] = ["batch", kv, "total_sequence", hd]
+            outputs.append(f"present.{n}.{kind}")
+    return GraphSpec(name, DecoderStage(model, stage), inputs(2, 5, 3), outputs, dims, inputs(1, 1, 7), layers)
+
+
+def _lm_head(model, r: _Samples) -> GraphSpec:
+    post, vocab = model.config.post.hidden_size, model.config.vocab_size
+    dims = {"last_decoder_hidden_state": ["batch", "sequence", post], "logits": ["batch", "sequence", vocab]}
+    sample, check = (
+        {"last_decoder_hidden_state": r.randn(2, 5, post)},
+        {"last_decoder_hidden_state": r.randn(1, 1, post)},
+    )
+    return GraphSpec("lm_head", LMHead(model), sample, ["logits"], dims, check)
+
+
+def _latent_head(model, r: _Samples) -> GraphSpec:
+    post, gen = model.config.post.hidden_size, model.config.video_generation
+    c, p = gen.latent_channels, gen.latent_patch_size
+    latents = ["batch", "latent_frames", c, "latent_height", "latent_width"]
+    dims = {
+        "hidden_states": ["batch", "visual_tokens", post],
+        "temb": ["batch", gen.time_embed_dim],
+        "latents": latents,
+        "sample": latents,
+    }
+    sample = {
+        "hidden_states": r.randn(2, 2 * 1 * 3, post),
+        "temb": r.randn(2, gen.time_embed_dim),
+        "latents": r.randn(2, 2, c, p, 3 * p),
+    }
+    check = {
+        "hidden_states": r.randn(1, 3 * 2 * 1, post),
+        "temb": r.randn(1, gen.time_embed_dim),
+        "latents": r.randn(1, 3, c, 2 * p, p),
+    }
+    return GraphSpec("latent_head", LatentHead(model), sample, ["sample"], dims, check)
+
+
+def _vae_decoder(vae, latent_shape: tuple[int, int, int, int], gen, r: _Samples) -> GraphSpec:
+    """Static: the causal 3-D convolutions unroll over frames; the backend decodes row by row. One
+    sample only: the graph is static, and at 480 x 720 x 49 each check takes a minute."""
+    frames, channels, h, w = latent_shape
+    comp, tcomp = gen.vae_spatial_compression, gen.vae_temporal_compression
+    video = [1, 3, (frames - 1) * tcomp + 1, h * comp, w * comp]
+    dims = {"latents": [1, channels, frames, h, w], "video": video}
+    return GraphSpec(
+        "vae_decoder", VAEDecoder(vae), {"latents": r.randn(1, channels, frames, h, w)}, ["video"], dims, {}
+    )
 
 
 # -- export -----------------------------------------------------------------------------------------

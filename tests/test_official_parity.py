@@ -91,7 +91,7 @@ def test_paper_and_quirk_differ_after_the_image(model, official_model, vectors):
     assert (paper[:, first_image:] - quirk[:, first_image:]).abs().max() > 0.1
 
 
-def test_greedy_generate(official_model, vectors):
+def test_greedy_decoding(official_model, vectors):
     inputs = understanding_inputs(vectors, "und_img")
     out = understand(TorchBackend(official_model), **inputs, max_new_tokens=5, return_logits=True)
     assert torch.equal(out.new_tokens, vectors["generate.new_tokens"])

@@ -34,6 +34,7 @@ from triton.compiler import ASTSource
 from haplo.artifacts import check_output_dir, indexed_dir, write_atomic
 from haplo.engines.plugins import kernels
 from haplo.errors import HaploError
+from haplo.model.config import STAGES
 
 DEFAULT_ARCH = 90  # sm_90 (H100/H200)
 DTYPES = ("fp32", "fp16", "bf16")
@@ -254,7 +255,7 @@ def variants_for_config(config, arch: int = DEFAULT_ARCH, dtypes: Iterable[str] 
     """Every kernel variant the model's graphs can ask for (per stage norm mode and widths, per dtype
     and attention tile), as name -> compile spec."""
     variants: dict[str, dict] = {}
-    for stage in ("pre", "base", "post"):
+    for stage in STAGES:
         stage_cfg = getattr(config, stage)
         hidden, head_dim = stage_cfg.hidden_size, stage_cfg.head_dim
         layernorm = stage_cfg.norm_mode == "layernorm"

@@ -29,7 +29,7 @@ import triton.language as tl
 from haplo.model import ops
 
 # Kernel globals must be constexpr.
-MASKED_START = tl.constexpr(2**30)  # haplo.model.ops.MASKED_START: never visible
+MASKED_START = tl.constexpr(ops.MASKED_START)  # never visible
 LOG2E = tl.constexpr(1.4426950408889634)
 
 # Tile configurations of the attention kernel, by TensorRT tactic number (tactic 0 = default = 1).

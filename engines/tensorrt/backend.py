@@ -78,7 +78,7 @@ class TensorRTBackend(GraphBackend):
         key_start = torch.cat([torch.full((batch, 1), MASKED_START, dtype=torch.long), key_start], dim=1)
         if past is None:
             cfg = self.config.stages[stage]
-            dead = torch.zeros(batch, cfg.num_key_value_heads, 1, cfg.head_dim, device="cuda")
+            dead = torch.zeros(cfg.kv_shape(batch, 1), device="cuda")
             past = [dead] * (2 * len(layers))
         feeds = {"hidden_states": hidden, "position_ids": position_ids.long(), "key_start": key_start}
         for i, n in enumerate(layers):

@@ -118,78 +118,102 @@ def rewrite_graph(
     """Rewrite every weight MatMul of `model` in place to `precision`. Returns what was done."""
     if precision == "fp32":
         return {"matmuls": 0}
+    rewrite = _Rewrite(precision, flavor, int8_max)
     inits = {t.name: t for t in model.graph.initializer}
     patterns = [re.compile(p) for p in exclude]
-    new_nodes, new_inits, done, kept, weight_errors = [], [], [], [], []
-    activations: dict[str, str] = {}  # fp32 tensor -> its Q/DQ (or Cast) output, shared by consumers
-    dead_weights = set()
     for node in model.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2:
-            new_nodes.append(node)
+            rewrite.nodes.append(node)
             continue
         module = _module_of(node) or ""
-        if any(k in module for k in ALWAYS_FP32) or any(p.search(module) for p in patterns):
-            kept.append(module)
-            new_nodes.append(node)
+        rng = _lookup(ranges or {}, module) if precision in QUANTIZED else None
+        kept = any(k in module for k in ALWAYS_FP32) or any(p.search(module) for p in patterns)
+        if kept or (precision in QUANTIZED and rng is None):
+            rewrite.kept.append(module)
+            rewrite.nodes.append(node)
             continue
+        rewrite.matmul(node, numpy_helper.to_array(weight), rng)
+        rewrite.done.append(module)
+    return rewrite.apply(model)
+
+
+class _Rewrite:
+    """The nodes and initializers of a graph being rewritten, and what was done to it."""
+
+    def __init__(self, precision: str, flavor: str, int8_max: float):
+        self.precision, self.flavor, self.int8_max = precision, flavor, int8_max
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.done: list[str] = []
+        self.kept: list[str] = []
+        self.weight_errors: list[float] = []
+        self.dead_weights: set[str] = set()
+        self.activations: dict[str, str] = {}  # fp32 tensor -> its Q/DQ (or Cast) output, shared by consumers
+
+    def matmul(self, node: onnx.NodeProto, weight: np.ndarray, rng: list[float] | None) -> None:
+        """Rewrite one weight MatMul (`rng`: its input's calibrated range, for Q/DQ)."""
+        self.dead_weights.add(node.input[1])
+        if rng is not None:
+            self._qdq(node, weight, rng)
+        else:
+            self._cast(node, weight)
+
+    def _qdq(self, node: onnx.NodeProto, weight: np.ndarray, rng: list[float]) -> None:
+        """x -> Q -> DQ -> MatMul <- DQ(per-output-channel weights) <- W_q."""
         x, w_name = node.input[0], node.input[1]
-        values = numpy_helper.to_array(weight)
-        if precision in QUANTIZED:
-            rng = _lookup(ranges or {}, module)
-            if rng is None:
-                kept.append(module)
-                new_nodes.append(node)
-                continue
-            tensors, error = _weight_quant(w_name, values, precision, int8_max)
-            weight_errors.append(error)
-            new_inits += tensors
-            new_nodes.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [t.name for t in tensors],
-                    [w_name + "_dq"],
-                    name=w_name + "_DequantizeLinear",
-                    axis=1,
-                )
+        tensors, error = _weight_quant(w_name, weight, self.precision, self.int8_max)
+        self.weight_errors.append(error)
+        self.inits += tensors
+        self.nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [t.name for t in tensors],
+                [w_name + "_dq"],
+                name=w_name + "_DequantizeLinear",
+                axis=1,
             )
-            if x not in activations:
-                params = _activation_params(f"{x}_act", *rng, precision, flavor)
-                new_inits += params
-                names = [params[0].name, params[1].name]
-                new_nodes.append(
-                    helper.make_node("QuantizeLinear", [x, *names], [x + "_q"], name=x + "_QuantizeLinear")
-                )
-                new_nodes.append(
-                    helper.make_node("DequantizeLinear", [x + "_q", *names], [x + "_dq"], name=x + "_DequantizeLinear")
-                )
-                activations[x] = x + "_dq"
-            node.input[0], node.input[1] = activations[x], w_name + "_dq"
-            new_nodes.append(node)
-        else:  # fp16 / bf16: the matmul runs in the low precision, the rest of the graph in fp32
-            low = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.BFLOAT16
-            new_inits.append(_cast_tensor(w_name + "_low", values, precision))
-            if x not in activations:
-                new_nodes.append(helper.make_node("Cast", [x], [x + "_low"], name=x + "_Cast", to=low))
-                activations[x] = x + "_low"
-            out = node.output[0]
-            node.input[0], node.input[1], node.output[0] = activations[x], w_name + "_low", out + "_low"
-            new_nodes.append(node)
-            new_nodes.append(helper.make_node("Cast", [out + "_low"], [out], name=out + "_Cast", to=TensorProto.FLOAT))
-        dead_weights.add(w_name)
-        done.append(module)
-    still_used = {i for n in new_nodes for i in n.input}
-    kept_inits = [t for t in model.graph.initializer if t.name not in dead_weights or t.name in still_used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept_inits + new_inits)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    return {
-        "matmuls": len(done),
-        "kept_fp32": sorted(set(kept)),
-        "weight_relative_error_max": max(weight_errors) if weight_errors else None,
-        "weight_relative_error_mean": float(np.mean(weight_errors)) if weight_errors else None,
-    }
+        )
+        if x not in self.activations:
+            params = _activation_params(f"{x}_act", *rng, self.precision, self.flavor)
+            self.inits += params
+            names = [params[0].name, params[1].name]
+            self.nodes.append(helper.make_node("QuantizeLinear", [x, *names], [x + "_q"], name=x + "_QuantizeLinear"))
+            self.nodes.append(
+                helper.make_node("DequantizeLinear", [x + "_q", *names], [x + "_dq"], name=x + "_DequantizeLinear")
+            )
+            self.activations[x] = x + "_dq"
+        node.input[0], node.input[1] = self.activations[x], w_name + "_dq"
+        self.nodes.append(node)
+
+    def _cast(self, node: onnx.NodeProto, weight: np.ndarray) -> None:
+        """fp16 / bf16: the matmul runs in the low precision, the rest of the graph in fp32."""
+        x, w_name = node.input[0], node.input[1]
+        low = TensorProto.FLOAT16 if self.precision == "fp16" else TensorProto.BFLOAT16
+        self.inits.append(_cast_tensor(w_name + "_low", weight, self.precision))
+        if x not in self.activations:
+            self.nodes.append(helper.make_node("Cast", [x], [x + "_low"], name=x + "_Cast", to=low))
+            self.activations[x] = x + "_low"
+        out = node.output[0]
+        node.input[0], node.input[1], node.output[0] = self.activations[x], w_name + "_low", out + "_low"
+        self.nodes.append(node)
+        self.nodes.append(helper.make_node("Cast", [out + "_low"], [out], name=out + "_Cast", to=TensorProto.FLOAT))
+
+    def apply(self, model: onnx.ModelProto) -> dict:
+        """Replace the graph's nodes and initializers (weights nobody reads any more dropped)."""
+        still_used = {i for n in self.nodes for i in n.input}
+        kept = [t for t in model.graph.initializer if t.name not in self.dead_weights or t.name in still_used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept + self.inits)
+        del model.graph.node[:]
+        model.graph.node.extend(self.nodes)
+        errors = self.weight_errors
+        return {
+            "matmuls": len(self.done),
+            "kept_fp32": sorted(set(self.kept)),
+            "weight_relative_error_max": max(errors) if errors else None,
+            "weight_relative_error_mean": float(np.mean(errors)) if errors else None,
+        }
 
 
 def quantize_graph_file(

@@ -16,7 +16,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from haplo.model.sequence import generation_positions
+from haplo.model import ops
+from haplo.model.sequence import generation_positions, understanding_positions
 
 
 def _layer_pattern(model, stage: str) -> str:
@@ -153,8 +154,7 @@ def post_warmup_loss(
     ids, mask = batch["input_ids"], batch["attention_mask"]
     x_t, t, _ = noisy_latents(scheduler, batch["latents"], generator)
     with torch.no_grad():
-        causal = torch.where(mask.bool(), torch.arange(ids.shape[1]), torch.full_like(ids, 2**30))
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        causal, positions = ops.causal_key_start(mask), understanding_positions(mask)
         text, _ = model.model.stage_forward("pre", model.model.embed_tokens(ids), positions, causal)
         text, _ = model.model.stage_forward("base", text, positions, causal)
     temb = model.time_embed(t, x_t.shape[0])
