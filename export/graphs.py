@@ -26,6 +26,7 @@ import onnx
 import torch
 from torch import nn
 
+from haplo.artifacts import atomic_path
 from haplo.bundle import STAGE_GRAPHS
 from haplo.export.custom_ops import TRANSLATIONS, attach_functions, routed_to_custom_ops
 
@@ -321,14 +322,21 @@ def export_graph(spec: GraphSpec, path: Path, decomposed: bool = False) -> onnx.
     name_dimensions(model, spec.dims)
     attach_functions(model)
     path.parent.mkdir(parents=True, exist_ok=True)
+    save_graph(model, path)
+    return onnx.load(str(path), load_external_data=False)
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """The graph with its weights in one external file beside it (NAME.onnx.data); the graph file is
+    renamed into place last, so a graph file never names weights that are not written yet."""
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # save appends to an existing external-data file
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-    return onnx.load(str(path), load_external_data=False)
+    with atomic_path(path) as staged:
+        onnx.save_model(
+            model,
+            str(staged),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )

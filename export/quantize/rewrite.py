@@ -21,6 +21,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from haplo.export.graphs import save_graph
 from haplo.export.quantize.policy import ALWAYS_FP32, FP8_MAX, INT8_MAX, QUANTIZED
 
 
@@ -230,16 +231,5 @@ def quantize_graph_file(
     summary = rewrite_graph(model, precision, ranges, flavor, exclude, int8_max)
     if precision == "int8":
         summary["int8_weight_max"] = int(int8_max)
-    data = path.with_name(path.name + ".data")
-    staged = path.with_name(f".{path.name}.tmp")
-    data.unlink(missing_ok=True)  # inside the build's temporary directory: a failure discards it all
-    onnx.save_model(
-        model,
-        str(staged),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-    staged.replace(path)
+    save_graph(model, path)  # inside the build's staging directory: a failure discards it all
     return summary
