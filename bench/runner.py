@@ -7,7 +7,6 @@ the scaling sweeps, under a resident-memory sampler. Ratios are against torch ea
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import sys
@@ -22,14 +21,9 @@ import psutil
 import torch
 
 from haplo.artifacts import check_output_dir, indexed_dir, write_atomic
-from haplo.bench import report, workloads
+from haplo.bench import report, sources, workloads
 from haplo.bench.roofline import bundle_decode_weight_bytes, memory_bandwidth_gbs, roofline, torch_decode_weight_bytes
 from haplo.bench.timing import PeakRSS, TimedBackend, gpu_peak_memory_mib
-from haplo.errors import HaploError
-from haplo.model.config import STAGES
-
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
 
 @dataclass
@@ -57,10 +51,6 @@ class BenchOptions:
     work_dir: Path = Path(".cache/haplo-bench")
 
 
-class BenchError(HaploError, ValueError):
-    pass
-
-
 def check_output(out: Path) -> None:
     """Refuse a results directory this command did not write."""
     check_output_dir(
@@ -85,119 +75,6 @@ def machine_info() -> dict:
         "gpu": gpu,
         "os": platform.platform(),
     }
-
-
-def variants(options: BenchOptions) -> list[tuple[str, str]]:
-    unknown = [b for b in options.backends if b not in BACKENDS]
-    if unknown:
-        raise BenchError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
-    bad = [p for p in options.precisions if p not in PRECISIONS]
-    if bad:
-        raise BenchError(f"unknown precision(s) {', '.join(bad)}; choose from {', '.join(PRECISIONS)}")
-    out = []
-    for backend in options.backends:
-        if backend in ("torch", "torch-compile"):
-            out.append((backend, "fp32"))  # the reference runs in the checkpoint's precision
-        else:
-            out.extend((backend, p) for p in options.precisions)
-    return out
-
-
-class CompiledTorchBackend:
-    """torch.compile (inductor, dynamic shapes) over the decoder stages and heads of the reference."""
-
-    @staticmethod
-    def wrap(model, vae):
-        from haplo.runtime.torch_backend import TorchBackend
-
-        backend = TorchBackend(model, vae)
-        backend.name = "torch-compile"
-        # Stages share stage_forward's code: each (stage, prefill/decode) is its own compiled entry.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        compiled = {
-            stage: torch.compile(functools.partial(model.model.stage_forward, stage), dynamic=True) for stage in STAGES
-        }
-        head = torch.compile(lambda h: model.lm_head(model.model.lm_hidden(h)), dynamic=True)
-
-        def run_stage(stage, hidden, position_ids, key_start, past=None):
-            with torch.no_grad():
-                return compiled[stage](hidden, position_ids, key_start, past)
-
-        def lm_head(hidden):
-            with torch.no_grad():
-                return head(hidden)
-
-        backend.run_stage, backend.lm_head = run_stage, lm_head
-        return backend
-
-
-def _load_reference(options: BenchOptions):
-    """(model, vae, tokenizer, name) from a checkpoint, a preset, or the source a bundle records."""
-    from haplo.bundle import Bundle
-    from haplo.model.config import preset
-    from haplo.model.modeling import HaploOmniForConditionalGeneration
-    from haplo.model.tokenizer import tokenizer_for
-    from haplo.model.vae import vae_for_checkpoint
-
-    checkpoint, preset_name, seed = options.checkpoint, options.preset, options.seed
-    if options.bundle is not None:
-        source = Bundle.open(options.bundle).manifest.source
-        if source.get("checkpoint"):
-            checkpoint = Path(source["checkpoint"])
-            if not checkpoint.exists():
-                raise BenchError(f"the bundle was built from {checkpoint}, which is gone; pass --checkpoint DIR")
-        else:
-            preset_name, seed = source.get("preset"), source.get("seed") or 0
-    if checkpoint is not None:
-        model = HaploOmniForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-        name = str(checkpoint)
-    else:
-        model = HaploOmniForConditionalGeneration.from_config(preset(preset_name or "small"), seed=seed)
-        name = preset_name or "small"
-    return model, vae_for_checkpoint(checkpoint, model.config), tokenizer_for(model.config, checkpoint), name
-
-
-def _bundle_for(precision: str, options: BenchOptions, model, vae, tokenizer, name: str, log):
-    from haplo.bundle import Bundle
-    from haplo.engines.bundle_engines import BundleEngines
-    from haplo.export.build import BuildOptions, build_bundle
-
-    if options.bundle is not None:
-        bundle = Bundle.open(options.bundle)
-        built = bundle.manifest.precision
-        if built != precision:
-            raise BenchError(
-                f"{options.bundle} is a {built} bundle; ask for --precisions {built} or leave --bundle out to build one"
-            )
-        return bundle
-    out = options.work_dir / f"{Path(name).name}-seed{options.seed}-{precision}"
-    source = {
-        "checkpoint": str(options.checkpoint.resolve()) if options.checkpoint else None,
-        "preset": None if options.checkpoint else name,
-        "seed": None if options.checkpoint else options.seed,
-        "name": name,
-    }
-    log(f"bundle {precision}: {out} (graphs reused when unchanged)")
-    build_bundle(
-        model, vae, tokenizer, BuildOptions(out=out, precision=precision, source=source), BundleEngines(), log=log
-    )
-    return Bundle.open(out)
-
-
-def _make_backend(kind: str, precision: str, model, vae, bundle, threads: int):
-    if kind == "torch":
-        from haplo.runtime.torch_backend import TorchBackend
-
-        return TorchBackend(model, vae)
-    if kind == "torch-compile":
-        return CompiledTorchBackend.wrap(model, vae)
-    if kind == "onnxruntime":
-        from haplo.engines.onnxruntime import OrtBackend
-
-        return OrtBackend(bundle, intra_op_threads=threads)
-    from haplo.engines.tensorrt import TensorRTBackend
-
-    return TensorRTBackend.from_bundle(bundle)
 
 
 def _understanding_inputs(processor, options: BenchOptions) -> dict:
@@ -254,7 +131,7 @@ class _Run:
 def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = None) -> dict:
     """Run everything; returns the result document (see `report.validate`)."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    pairs = variants(options)
+    pairs = sources.variants(options.backends, options.precisions)
     run = _prepare(options, log)
     entries = [_run_variant(run, kind, precision) for kind, precision in pairs]
     _add_ratios(entries)
@@ -269,7 +146,7 @@ def _prepare(options: BenchOptions, log: Callable[[str], None]) -> _Run:
     log("measuring memory bandwidth")
     bandwidth = memory_bandwidth_gbs()
     started = time.perf_counter()
-    model, vae, tokenizer, name = _load_reference(options)
+    model, vae, tokenizer, name = sources.load_reference(options)
     load_s = time.perf_counter() - started
     model.eval()
     inputs = _inputs(tokenizer, model.config, options)
@@ -304,7 +181,7 @@ def _run_variant(run: _Run, kind: str, precision: str) -> dict:
     try:
         entry.update(status="ok", **_measure(run, kind, precision, key))
     except Exception as err:  # one failing backend must not lose the others' results
-        if isinstance(err, BenchError):
+        if isinstance(err, sources.SourceError):  # the request itself is wrong: stop
             raise
         entry.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
         run.log(f"{key}: error ({entry['reason']})")
@@ -339,7 +216,7 @@ def _variant_bundle(run: _Run, kind: str, precision: str):
     if kind not in ("onnxruntime", "tensorrt"):
         return None
     if precision not in run.bundles:
-        run.bundles[precision] = _bundle_for(
+        run.bundles[precision] = sources.bundle_for(
             precision, run.options, run.model, run.vae, run.tokenizer, run.name, run.log
         )
     return run.bundles[precision]
@@ -348,7 +225,7 @@ def _variant_bundle(run: _Run, kind: str, precision: str):
 def _open_backend(run: _Run, kind: str, precision: str, bundle) -> tuple[TimedBackend, float]:
     """(the timed backend, its load seconds); torch's include loading the reference."""
     started = time.perf_counter()
-    backend = TimedBackend(_make_backend(kind, precision, run.model, run.vae, bundle, run.threads))
+    backend = TimedBackend(sources.make_backend(kind, run.model, run.vae, bundle, run.threads))
     load_s = time.perf_counter() - started
     if kind.startswith("torch"):
         load_s += run.reference_load_s

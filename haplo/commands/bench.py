@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from haplo.commands.common import NON_NEGATIVE, POSITIVE, _number
+from haplo.commands.common import NON_NEGATIVE, POSITIVE, _number, comma_list
 from haplo.errors import UsageError
 
 
@@ -89,10 +89,6 @@ def _video_list(text: str) -> list[tuple[int, int, int]]:
     return videos
 
 
-def _comma_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def _options(args: argparse.Namespace):
     from haplo.bench.runner import BenchOptions
 
@@ -101,8 +97,8 @@ def _options(args: argparse.Namespace):
         checkpoint=args.checkpoint,
         bundle=args.bundle,
         seed=args.seed,
-        backends=_comma_list(args.backends),
-        precisions=_comma_list(args.precisions),
+        backends=comma_list(args.backends),
+        precisions=comma_list(args.precisions),
         threads=args.threads,
         warmup=args.warmup,
         repeats=args.repeats,

@@ -83,6 +83,11 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def comma_list(text: str) -> list[str]:
+    """ "a, b,,c" -> ["a", "b", "c"]."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def source_name(args: argparse.Namespace) -> str:
     """The checkpoint path, else the preset name (the default preset when none is given)."""
     return str(args.checkpoint) if args.checkpoint else (args.preset or DEFAULT_PRESET)

@@ -5,6 +5,7 @@
     haplo-export run --bundle bundles/tiny understand --prompt "Describe the video." --video clip.mp4
     haplo-export run understand --prompt "Describe the video." --video clip.mp4   (PyTorch)
     haplo-export run generate   --prompt "A red square moves left." --out out/video.mp4
+    haplo-export eval     --backends torch,onnxruntime --precisions fp32,int8
     haplo-export bench    --preset small --backends torch,onnxruntime --precisions fp32,int8
     haplo-export kernels  --preset tiny --arch 90 --out kernels/sm_90
 
@@ -17,11 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from haplo.commands import bench, build, inspect, kernels, run
+from haplo.commands import bench, build, evaluate, inspect, kernels, run
 from haplo.commands.common import Parser
 from haplo.errors import HaploError
 
-SUBCOMMANDS = (inspect, build, run, bench, kernels)  # in the order `--help` lists them
+SUBCOMMANDS = (inspect, build, run, evaluate, bench, kernels)  # in the order `--help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,45 +23,12 @@ from PIL import Image
 
 from haplo.artifacts import check_output_dir, write_atomic
 from haplo.errors import HaploError
+from haplo.training.world import COLOURS, DIRECTIONS, SHAPES, caption, moving_shape_video
 from haplo.video import write_video
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
-SHAPES = ("square", "circle", "triangle")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 class DataError(HaploError, ValueError):
     pass
-
-
-def _draw(frame: np.ndarray, shape: str, colour, cx: float, cy: float, radius: int) -> None:
-    h, w, _ = frame.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    if shape == "square":
-        mask = (abs(xx - cx) <= radius) & (abs(yy - cy) <= radius)
-    elif shape == "circle":
-        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
-    else:  # triangle pointing up
-        mask = (yy >= cy - radius) & (yy <= cy + radius) & (abs(xx - cx) <= (yy - (cy - radius)) / 2)
-    frame[mask] = colour
-
-
-def moving_shape_video(
-    shape: str, colour: str, direction: str, frames: int, height: int, width: int, seed: int = 0
-) -> np.ndarray:
-    """[frames, H, W, 3] uint8: one shape crossing a plain background in one direction."""
-    rng = np.random.default_rng(seed)
-    radius = max(3, min(height, width) // 8)
-    dx, dy = DIRECTIONS[direction]
-    travel = (min(height, width) - 4 * radius) / max(frames - 1, 1)
-    cx = width / 2 - dx * travel * (frames - 1) / 2 + rng.uniform(-2, 2)
-    cy = height / 2 - dy * travel * (frames - 1) / 2 + rng.uniform(-2, 2)
-    background = rng.integers(200, 256, 3)
-    video = np.empty((frames, height, width, 3), dtype=np.uint8)
-    for f in range(frames):
-        video[f] = background
-        _draw(video[f], shape, COLOURS[colour], cx + dx * travel * f, cy + dy * travel * f, radius)
-    return video
 
 
 def _is_synthetic_dataset(root: Path) -> bool:
@@ -87,7 +54,7 @@ def make_synthetic_dataset(out: str | Path, count: int, frames: int, height: int
         direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
         video = moving_shape_video(shape, colour, direction, frames, height, width, seed=seed * 10_000 + i)
         path = write_video(video, out / "videos" / f"{i:05d}.mp4", fps=8)
-        caption = f"A {colour} {shape} moves {'to the ' if direction in ('left', 'right') else ''}{direction}."
+        answer = caption(colour, shape, direction)
         rel = path.relative_to(out).as_posix()
         records.append(
             {
@@ -95,11 +62,11 @@ def make_synthetic_dataset(out: str | Path, count: int, frames: int, height: int
                 "video": rel,
                 "conversations": [
                     {"role": "user", "content": "<video>\nWhat moves in the video, and in which direction?"},
-                    {"role": "assistant", "content": caption},
+                    {"role": "assistant", "content": answer},
                 ],
             }
         )
-        records.append({"type": "generation", "video": rel, "caption": caption})
+        records.append({"type": "generation", "video": rel, "caption": answer})
     jsonl = out / "data.jsonl"
     write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in records))
     return jsonl

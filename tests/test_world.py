@@ -1,0 +1,83 @@
+"""The synthetic world as a task: splits, captions, answer parsing, and the motion detector."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from haplo.training.world import (
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    Scene,
+    caption,
+    colour_mask,
+    detect_motion,
+    moving_shape_video,
+    parse_caption,
+    scenes,
+)
+
+
+def test_splits_are_disjoint_balanced_and_reproducible():
+    test = scenes("test", 96)
+    assert scenes("test", 96) == test
+    assert not {s.seed for s in test} & {s.seed for s in scenes("train", 1000)}
+    assert not {s.seed for s in test} & {s.seed for s in scenes("validation", 200)}
+    counts = {}
+    for s in test:
+        counts[(s.colour, s.shape, s.direction)] = counts.get((s.colour, s.shape, s.direction), 0) + 1
+    assert set(counts) == set(itertools.product(COLOURS, SHAPES, DIRECTIONS)) and set(counts.values()) == {2}
+    assert scenes("train", 48, seed=1) != scenes("train", 48, seed=0)
+    with pytest.raises(ValueError, match="unknown split"):
+        scenes("dev", 4)
+
+
+@pytest.mark.parametrize("colour, shape, direction", [("red", "circle", "up"), ("blue", "square", "left")])
+def test_caption_round_trips(colour, shape, direction):
+    text = caption(colour, shape, direction)
+    assert text in ("A red circle moves up.", "A blue square moves to the left.")
+    assert parse_caption(text) == {"colour": colour, "shape": shape, "direction": direction}
+
+
+def test_parse_caption_takes_what_is_there():
+    assert parse_caption("It is GREEN, a triangle going downward") == {
+        "colour": "green",
+        "shape": "triangle",
+        "direction": "down",
+    }
+    assert parse_caption("\ufffd md j") == {"colour": None, "shape": None, "direction": None}
+
+
+@pytest.mark.parametrize("colour, direction", list(itertools.product(COLOURS, DIRECTIONS)))
+def test_detector_finds_every_colour_and_direction(colour, direction):
+    for shape in SHAPES:
+        video = Scene(colour, shape, direction, seed=7).video(9, 64, 64)
+        motion = detect_motion(video, colour)
+        assert motion.found and motion.direction == direction, (shape, motion)
+        assert all(point is not None for point in motion.track)
+
+
+def test_detector_says_when_nothing_moves_or_the_colour_is_absent():
+    video = moving_shape_video("square", "red", "left", 9, 64, 64)
+    assert detect_motion(video, "blue").found is False
+    still = np.repeat(video[:1], 9, axis=0)
+    motion = detect_motion(still, "red")
+    assert motion.found and motion.direction is None and motion.travel == 0.0
+    assert colour_mask(video, "red")[0].sum() > 50  # the blob, not the light background
+
+
+def test_scattered_pixels_of_a_colour_are_not_a_shape():
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (9, 64, 64, 3), dtype=np.uint8)
+    assert colour_mask(noise, "red").sum() > 9 * 20  # the colour is there, scattered
+    assert not any(detect_motion(noise, c).found for c in COLOURS)
+
+
+def test_detector_tolerates_blur_and_noise():
+    rng = np.random.default_rng(0)
+    video = Scene("yellow", "circle", "down", seed=3).video(9, 64, 64).astype(np.int16)
+    noisy = np.clip(video + rng.integers(-30, 31, video.shape), 0, 255).astype(np.uint8)
+    assert detect_motion(noisy, "yellow").direction == "down"
