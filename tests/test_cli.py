@@ -220,7 +220,11 @@ def test_run_task_help_lists_bundle_and_backend(capsys):
         (["--stage", "9"], "argument --stage: invalid choice: 9"),
         ([], "the following arguments are required: --stage"),
         (["--stage", "1", "--max-steps", "many"], "argument --max-steps: invalid int value: 'many'"),
-        (["synthetic", "--count", "x"], "argument --count: invalid int value: 'x'"),
+        (["synthetic", "--count", "x"], "argument --count: expected an integer, got 'x'"),
+        (["synthetic", "--count", "0"], "argument --count: 0 is out of range"),
+        (["synthetic", "--seed", "-1"], "argument --seed: -1 is out of range"),
+        (["synthetic", "--height", "8"], "argument --height: 8 is out of range: must be >= 16"),
+        (["synthetic", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
     ],
 )
 def test_train_bad_input_is_one_clear_line(capsys, argv, message):

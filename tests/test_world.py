@@ -31,6 +31,7 @@ def test_splits_are_disjoint_balanced_and_reproducible():
         counts[(s.colour, s.shape, s.direction)] = counts.get((s.colour, s.shape, s.direction), 0) + 1
     assert set(counts) == set(itertools.product(COLOURS, SHAPES, DIRECTIONS)) and set(counts.values()) == {2}
     assert scenes("train", 48, seed=1) != scenes("train", 48, seed=0)
+    assert not {s.seed for s in scenes("train", 500, seed=1)} & {s.seed for s in test}  # any seed, any split
     with pytest.raises(ValueError, match="unknown split"):
         scenes("dev", 4)
 
@@ -81,3 +82,14 @@ def test_detector_tolerates_blur_and_noise():
     video = Scene("yellow", "circle", "down", seed=3).video(9, 64, 64).astype(np.int16)
     noisy = np.clip(video + rng.integers(-30, 31, video.shape), 0, 255).astype(np.uint8)
     assert detect_motion(noisy, "yellow").direction == "down"
+
+
+def test_synthetic_dataset_is_the_task(tmp_path):
+    from haplo.training.data import make_synthetic_dataset, read_jsonl
+
+    records = read_jsonl(make_synthetic_dataset(tmp_path / "val", 8, 9, 32, 32, split="validation"))
+    understanding = [r for r in records if r["type"] == "understanding"]
+    held_out = scenes("validation", 8)
+    assert [r["conversations"][1]["content"] for r in understanding] == [s.caption for s in held_out]
+    assert len({r["conversations"][0]["content"] for r in understanding}) == 4  # every question form
+    assert [r["caption"] for r in records if r["type"] == "generation"] == [s.caption for s in held_out]

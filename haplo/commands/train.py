@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from haplo.commands.common import Parser
+from haplo.commands.common import NON_NEGATIVE, POSITIVE, Parser, _number
 from haplo.errors import HaploError
 
 
@@ -25,11 +25,17 @@ def synthetic_parser() -> argparse.ArgumentParser:
         prog="haplo-train synthetic", description="videos of moving coloured shapes with captions (JSONL + mp4)"
     )
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"))
-    parser.add_argument("--count", type=int, default=32, help="number of videos")
-    parser.add_argument("--frames", type=int, default=9)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count", type=POSITIVE, default=32, help="number of videos")
+    parser.add_argument("--frames", type=POSITIVE, default=9)
+    parser.add_argument("--height", type=_number(int, 16, what="must be >= 16"), default=64)
+    parser.add_argument("--width", type=_number(int, 16, what="must be >= 16"), default=64)
+    parser.add_argument("--seed", type=NON_NEGATIVE, default=0, help="dataset seed: class order and clips")
+    parser.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "validation", "test"],
+        help="which split of the synthetic world; the splits never share a clip (default: %(default)s)",
+    )
     return parser
 
 
@@ -69,8 +75,8 @@ def train_parser() -> argparse.ArgumentParser:
 def _synthetic(args: argparse.Namespace) -> int:
     from haplo.training.data import make_synthetic_dataset
 
-    path = make_synthetic_dataset(args.out, args.count, args.frames, args.height, args.width, args.seed)
-    print(f"wrote {path} ({args.count} videos, {2 * args.count} records)")
+    path = make_synthetic_dataset(args.out, args.count, args.frames, args.height, args.width, args.seed, args.split)
+    print(f"wrote {path} ({args.count} {args.split} videos, {2 * args.count} records)")
     return 0
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from haplo.artifacts import check_output_dir, write_atomic
 from haplo.errors import HaploError
-from haplo.training.world import COLOURS, DIRECTIONS, SHAPES, caption, moving_shape_video
+from haplo.training.world import QUESTIONS, scenes
 from haplo.video import write_video
 
 
@@ -41,32 +41,26 @@ def _is_synthetic_dataset(root: Path) -> bool:
     )
 
 
-def make_synthetic_dataset(out: str | Path, count: int, frames: int, height: int, width: int, seed: int = 0) -> Path:
-    """Write `count` videos (mp4) and a data.jsonl with one understanding and one generation record
-    per video. Returns the JSONL path. `out` must be new, empty, or a dataset this function wrote."""
+def make_synthetic_dataset(
+    out: str | Path, count: int, frames: int, height: int, width: int, seed: int = 0, split: str = "train"
+) -> Path:
+    """Write `count` clips (mp4) of a split of the synthetic world and a data.jsonl with one
+    understanding record (the question forms in turn, the caption as the answer) and one generation
+    record per clip. Returns the JSONL path. `out` must be new, empty, or a dataset this function wrote."""
     out = Path(out)
     check_output_dir(out, _is_synthetic_dataset, "synthetic dataset")
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     records = []
-    for i in range(count):
-        shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
-        direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-        video = moving_shape_video(shape, colour, direction, frames, height, width, seed=seed * 10_000 + i)
-        path = write_video(video, out / "videos" / f"{i:05d}.mp4", fps=8)
-        answer = caption(colour, shape, direction)
+    for i, scene in enumerate(scenes(split, count, seed)):
+        path = write_video(scene.video(frames, height, width), out / "videos" / f"{i:05d}.mp4", fps=8)
         rel = path.relative_to(out).as_posix()
-        records.append(
-            {
-                "type": "understanding",
-                "video": rel,
-                "conversations": [
-                    {"role": "user", "content": "<video>\nWhat moves in the video, and in which direction?"},
-                    {"role": "assistant", "content": answer},
-                ],
-            }
-        )
-        records.append({"type": "generation", "video": rel, "caption": answer})
+        question = QUESTIONS[i % len(QUESTIONS)]
+        conversation = [
+            {"role": "user", "content": f"<video>\n{question}"},
+            {"role": "assistant", "content": scene.caption},
+        ]
+        records.append({"type": "understanding", "video": rel, "conversations": conversation})
+        records.append({"type": "generation", "video": rel, "caption": scene.caption})
     jsonl = out / "data.jsonl"
     write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in records))
     return jsonl

@@ -2,11 +2,11 @@
 
 A scene is a colour, a shape and a direction (4 x 3 x 4 = 48 classes). Its caption, e.g.
 "A red circle moves up." or "A blue square moves to the left.", answers every question form and is
-the prompt that generates it. Scenes of the train, validation and test splits come from disjoint
-seeds, and every split cycles through all 48 classes (in a seeded order), so a held-out set of 96
-scenes holds each class twice. `parse_caption` reads colour, shape and direction back from a
-model's answer; `detect_motion` finds the moving blob of a colour in decoded frames and its
-direction of travel from the centroid track.
+the prompt that generates it. Scenes of the train, validation and test splits (of any dataset
+seed) come from disjoint clip seeds, and every split cycles through all 48 classes (in a seeded
+order), so a held-out set of 96 scenes holds each class twice. `parse_caption` reads colour, shape
+and direction back from a model's answer; `detect_motion` finds the moving blob of a colour in
+decoded frames and its direction of travel from the centroid track.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ QUESTIONS = (
     "In which direction does the shape move?",
 )
 SPLITS = ("train", "validation", "test")
-SPLIT_STRIDE = 1_000_003  # scene seeds of split k are k * SPLIT_STRIDE + i: disjoint for i < SPLIT_STRIDE
+SPLIT_STRIDE = 1_000_003  # clip seeds of (seed s, split k): (3 s + k) * SPLIT_STRIDE + i, disjoint for i < SPLIT_STRIDE
 ATTRIBUTES = ("colour", "shape", "direction")
 
 
@@ -58,9 +58,11 @@ def scenes(split: str, count: int, seed: int = 0) -> list[Scene]:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if not 0 <= count < SPLIT_STRIDE:
         raise ValueError(f"count must be in [0, {SPLIT_STRIDE}), got {count}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     classes = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
     order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(classes))
-    base = SPLITS.index(split) * SPLIT_STRIDE
+    base = (len(SPLITS) * seed + SPLITS.index(split)) * SPLIT_STRIDE  # one block of seeds per (seed, split)
     return [Scene(*classes[order[i % len(classes)]], seed=base + i) for i in range(count)]
 
 
