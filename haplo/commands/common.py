@@ -125,11 +125,9 @@ def load_model(args: argparse.Namespace) -> HaploOmniForConditionalGeneration:
 
 def load_tokenizer_for(args: argparse.Namespace, config: HaploOmniConfig) -> PreTrainedTokenizerBase:
     """`--tokenizer`, else the checkpoint's tokenizer files, else the built-in tokenizer for `config`."""
-    from haplo.model.tokenizer import load_tokenizer, tokenizer_for
+    from haplo.model.tokenizer import tokenizer_for
 
-    if args.tokenizer is not None and not (args.tokenizer / "tokenizer_config.json").exists():
-        return load_tokenizer(args.tokenizer)  # a directory the user named: its files, or why not
-    return tokenizer_for(config, args.tokenizer, args.checkpoint)
+    return tokenizer_for(config, args.checkpoint, named=args.tokenizer)
 
 
 def _bundle_backend(args: argparse.Namespace):

@@ -87,10 +87,13 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def tokenizer_for(config: HaploOmniConfig, *directories: str | Path | None) -> PreTrainedTokenizerBase:
-    """The tokenizer of the first of `directories` that holds tokenizer files (an explicit
-    --tokenizer, then the checkpoint's), else the built-in one for `config`."""
-    for directory in directories:
-        if directory is not None and (Path(directory) / "tokenizer_config.json").exists():
-            return load_tokenizer(directory)
+def tokenizer_for(
+    config: HaploOmniConfig, checkpoint: str | Path | None = None, named: str | Path | None = None
+) -> PreTrainedTokenizerBase:
+    """A directory the user `named` (its files, or the reason they cannot load), else the checkpoint's
+    tokenizer files when it has them, else the built-in tokenizer for `config`."""
+    if named is not None:
+        return load_tokenizer(named)
+    if checkpoint is not None and (Path(checkpoint) / "tokenizer_config.json").exists():
+        return load_tokenizer(checkpoint)
     return build_tokenizer(config)
