@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -40,7 +39,7 @@ from haplo.training.world import (
     parse_caption,
     scenes,
 )
-from haplo.video import to_uint8_frames
+from haplo.video import evenly_spaced, to_uint8_frames
 
 SCHEMA = "haplo-eval/1"
 TASKS = ("understanding", "generation")
@@ -141,7 +140,7 @@ def _evaluate(kind: str, precision: str, backend, processor, options: EvalOption
 def answer(backend, processor, scene: Scene, question: str, options: EvalOptions) -> str:
     """The greedy answer to `question` about the scene's clip."""
     frames = scene.video(*options.clip_size)
-    picks = np.linspace(0, len(frames) - 1, num=min(options.video_frames, len(frames))).round().astype(int)
+    picks = evenly_spaced(len(frames), min(options.video_frames, len(frames)))
     conversation = [{"role": "user", "content": f"<video>\n{question}"}]
     inputs = processor(conversations=[conversation], videos=[frames[picks]])
     tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}

@@ -10,6 +10,12 @@ import numpy as np
 from haplo.artifacts import atomic_path
 
 
+def evenly_spaced(available: int, count: int) -> np.ndarray:
+    """`count` indices spread evenly over range(available), first and last included (frames of a
+    clip, or any other sequence sampled the same way)."""
+    return np.linspace(0, available - 1, num=count).round().astype(int)
+
+
 def to_uint8_frames(video) -> np.ndarray:
     """VAE output [C, F, H, W] in [-1, 1] (tensor or array) -> [F, H, W, 3] uint8."""
     array = video.detach().float().cpu().numpy() if hasattr(video, "detach") else np.asarray(video)

@@ -13,6 +13,7 @@ from torch import nn
 from haplo.runtime.ddim import denoise
 from haplo.runtime.decoding import understand
 from haplo.runtime.torch_backend import TorchBackend
+from haplo.video import evenly_spaced
 
 
 class RangeRecorder:
@@ -126,7 +127,7 @@ class RecordingBackend:
     def sample(self, stage: str, count: int) -> list[dict[str, np.ndarray]]:
         """`count` feeds spread over the run: prefills, decode steps and DDIM steps alike."""
         feeds = self.feeds[stage]
-        picks = np.linspace(0, len(feeds) - 1, num=min(count, len(feeds))).round().astype(int)
+        picks = evenly_spaced(len(feeds), min(count, len(feeds)))
         return [feeds[i] for i in sorted(set(picks.tolist()))]
 
 

@@ -102,6 +102,8 @@ def read_video_frames(path: Path, count: int) -> np.ndarray:
     import imageio.v3 as iio
     import numpy as np
 
+    from haplo.video import evenly_spaced
+
     try:
         frames = iio.imread(path, plugin="FFMPEG" if path.suffix.lower() != ".gif" else None)
     except Exception as err:  # imageio raises many types for undecodable input
@@ -109,8 +111,7 @@ def read_video_frames(path: Path, count: int) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or len(frames) == 0:
         raise UsageError(f"{path}: no video frames found")
-    picks = np.linspace(0, len(frames) - 1, num=min(count, len(frames))).round().astype(int)
-    return frames[picks][..., :3]
+    return frames[evenly_spaced(len(frames), min(count, len(frames)))][..., :3]
 
 
 def _check_media(args: argparse.Namespace) -> None:

@@ -24,7 +24,7 @@ from PIL import Image
 from haplo.artifacts import check_output_dir, write_atomic
 from haplo.errors import HaploError
 from haplo.training.world import QUESTIONS, scenes
-from haplo.video import write_video
+from haplo.video import evenly_spaced, write_video
 
 
 class DataError(HaploError, ValueError):
@@ -101,11 +101,6 @@ def load_frames(record: dict, key: str = "video") -> np.ndarray:
     return np.asarray(iio.imread(path, plugin="FFMPEG"))[..., :3]
 
 
-def _frame_picks(available: int, count: int) -> np.ndarray:
-    """`count` frame indices spread evenly over `available` frames (first and last included)."""
-    return np.linspace(0, available - 1, num=count).round().astype(int)
-
-
 def understanding_example(processor, record: dict, video_frames: int) -> dict[str, torch.Tensor]:
     """Processor tensors for one conversation; labels = the assistant's tokens, -100 elsewhere."""
     conversation = record["conversations"]
@@ -114,7 +109,7 @@ def understanding_example(processor, record: dict, video_frames: int) -> dict[st
     videos = None
     if record.get("video"):
         frames = load_frames(record)
-        videos = [frames[_frame_picks(len(frames), min(video_frames, len(frames)))]]
+        videos = [frames[evenly_spaced(len(frames), min(video_frames, len(frames)))]]
     full = processor(conversations=[conversation], images=images or None, videos=videos, add_generation_prompt=False)
     prefix = processor(conversations=[prompt], images=images or None, videos=videos, add_generation_prompt=True)
     labels = full["input_ids"].clone()
@@ -125,7 +120,7 @@ def understanding_example(processor, record: dict, video_frames: int) -> dict[st
 @torch.no_grad()
 def encode_video_latents(vae, frames: np.ndarray, num_frames: int, height: int, width: int) -> torch.Tensor:
     """uint8 [F, H, W, 3] -> latents [1, f, C, h, w] (scaled as the denoiser sees them)."""
-    picks = frames[_frame_picks(len(frames), num_frames)]
+    picks = frames[evenly_spaced(len(frames), num_frames)]
     clip = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in picks])
     video = torch.from_numpy(clip).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]  # [1, 3, F, H, W]
     latents = vae.encode(video.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
