@@ -105,13 +105,10 @@ def run_eval(options: EvalOptions, log: Callable[[str], None] | None = None, pro
 def _open(kind: str, precision: str, options: EvalOptions, reference: tuple, bundles: dict, log):
     """The variant's backend, or {"status": "skipped", "reason": ...} where this machine cannot run it."""
     model, vae, tokenizer, name = reference
-    if kind == "tensorrt":
-        from haplo.engines.tensorrt import tensorrt_status
-
-        usable, reason = tensorrt_status()
-        if not usable:
-            log(f"{kind}/{precision}: skipped ({reason})")
-            return {"status": "skipped", "reason": f"TensorRT engines need an NVIDIA GPU with TensorRT ({reason})"}
+    reason = sources.unavailable(kind)
+    if reason:
+        log(f"{kind}/{precision}: skipped ({reason})")
+        return {"status": "skipped", "reason": reason}
     bundle = None
     if kind not in ("torch", "torch-compile"):
         if precision not in bundles:

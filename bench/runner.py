@@ -168,16 +168,13 @@ def _inputs(tokenizer, config, options: BenchOptions) -> dict:
 
 def _run_variant(run: _Run, kind: str, precision: str) -> dict:
     """One backend/precision's entry: measured, skipped (TensorRT unusable) or the error that stopped it."""
-    from haplo.engines.tensorrt import tensorrt_status
-
     key = kind if kind.startswith("torch") else f"{kind}-{precision}"
     entry = {"key": key, "backend": kind, "precision": precision}
-    if kind == "tensorrt":
-        usable, reason = tensorrt_status()
-        if not usable:
-            entry.update(status="skipped", reason=f"TensorRT engines need an NVIDIA GPU with TensorRT ({reason})")
-            run.log(f"{key}: skipped ({entry['reason']})")
-            return entry
+    reason = sources.unavailable(kind)
+    if reason:
+        entry.update(status="skipped", reason=reason)
+        run.log(f"{key}: skipped ({reason})")
+        return entry
     try:
         entry.update(status="ok", **_measure(run, kind, precision, key))
     except Exception as err:  # one failing backend must not lose the others' results

@@ -69,6 +69,16 @@ class CompiledTorchBackend:
         return backend
 
 
+def unavailable(kind: str) -> str | None:
+    """Why this machine cannot run backend `kind` (TensorRT without a GPU), or None."""
+    if kind != "tensorrt":
+        return None
+    from haplo.engines.tensorrt import tensorrt_status
+
+    usable, reason = tensorrt_status()
+    return None if usable else f"TensorRT engines need an NVIDIA GPU with TensorRT ({reason})"
+
+
 def load_reference(options, default_preset: str = "small"):
     """(model, vae, tokenizer, name) from a checkpoint, a preset, or the source a bundle records."""
     from haplo.bundle import Bundle
@@ -99,7 +109,7 @@ def bundle_for(precision: str, options, model, vae, tokenizer, name: str, log):
     """`--bundle` when it has this precision, else a bundle built (or reused) in the work directory."""
     from haplo.bundle import Bundle
     from haplo.engines.bundle_engines import BundleEngines
-    from haplo.export.build import BuildOptions, build_bundle
+    from haplo.export.build import BuildOptions, build_bundle, weights_source
 
     if options.bundle is not None:
         bundle = Bundle.open(options.bundle)
@@ -110,12 +120,7 @@ def bundle_for(precision: str, options, model, vae, tokenizer, name: str, log):
             )
         return bundle
     out = options.work_dir / f"{Path(name).name}-seed{options.seed}-{precision}"
-    source = {
-        "checkpoint": str(options.checkpoint.resolve()) if options.checkpoint else None,
-        "preset": None if options.checkpoint else name,
-        "seed": None if options.checkpoint else options.seed,
-        "name": name,
-    }
+    source = weights_source(options.checkpoint, name, options.seed, name)
     log(f"bundle {precision}: {out} (graphs reused when unchanged)")
     build_bundle(
         model, vae, tokenizer, BuildOptions(out=out, precision=precision, source=source), BundleEngines(), log=log

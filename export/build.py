@@ -71,6 +71,16 @@ class Engines(Protocol):
         ...
 
 
+def weights_source(checkpoint: Path | None, preset: str | None, seed: int, name: str) -> dict:
+    """The manifest's `source`: the checkpoint the weights came from, else the preset and its seed."""
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+        "preset": None if checkpoint else preset,
+        "seed": None if checkpoint else seed,
+        "name": name,
+    }
+
+
 def check_output(out: Path) -> None:
     """Refuse, before any work, a target that is not absent, empty or a bundle this tool made."""
     check_output_dir(out, is_bundle, "bundle")

@@ -162,16 +162,6 @@ def _graph_precisions(args: argparse.Namespace) -> dict[str, str]:
     return overrides
 
 
-def _source(args: argparse.Namespace) -> dict:
-    """Where the weights came from, as the manifest records it."""
-    return {
-        "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
-        "preset": None if args.checkpoint else (args.preset or DEFAULT_PRESET),
-        "seed": None if args.checkpoint else args.seed,
-        "name": source_name(args),
-    }
-
-
 def _tolerances(args: argparse.Namespace):
     from haplo.export.validate import Tolerances
 
@@ -188,14 +178,14 @@ def _tolerances(args: argparse.Namespace):
 
 
 def _options(args: argparse.Namespace, video: tuple[int, int, int], target: str, overrides: dict[str, str]):
-    from haplo.export.build import BuildOptions
+    from haplo.export.build import BuildOptions, weights_source
 
     return BuildOptions(
         out=args.out,
         decomposed=args.decomposed,
         force=args.force,
         video=video,
-        source=_source(args),
+        source=weights_source(args.checkpoint, args.preset or DEFAULT_PRESET, args.seed, source_name(args)),
         precision=args.precision,
         target=target,
         build_engines=not args.no_engines,
