@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from haplo.commands.common import NON_NEGATIVE, POSITIVE, _number, comma_list
+from haplo.commands.common import NON_NEGATIVE, POSITIVE, _number, add_model_args, comma_list
 from haplo.errors import UsageError
 
 
@@ -17,11 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Runs torch eager (the baseline), ONNX Runtime and TensorRT (when present) "
         "on the same inputs in one process; writes results.json, table.txt and PNG plots.",
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, help="checkpoint directory")
-    source.add_argument("--preset", help="built-in configuration (default: small)")
-    source.add_argument("--bundle", type=Path, help="benchmark this bundle (torch baseline from its source)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_args(parser, "small", "benchmark this bundle (torch baseline from its source)")
     parser.add_argument(
         "--backends",
         default="torch,onnxruntime,tensorrt",

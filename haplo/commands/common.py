@@ -60,14 +60,21 @@ TOP_P = _number(float, 0.0, 1.0, low_open=True, what="must be in (0, 1]; 1 = off
 # -- shared options ------------------------------------------------------------------------------
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint or --preset (exclusive), and --seed."""
+def add_model_args(
+    parser: argparse.ArgumentParser,
+    default_preset: str = DEFAULT_PRESET,
+    bundle_help: str | None = None,
+    seed_help: str = "seed of the random weights of a preset, and of sampling",
+) -> None:
+    """--checkpoint or --preset (or, with `bundle_help`, --bundle; exclusive), and --seed."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", type=Path, help="checkpoint directory (config.json + model.safetensors)")
     source.add_argument(
-        "--preset", help=f"built-in configuration: tiny, small, haplo-omni-9b (default: {DEFAULT_PRESET})"
+        "--preset", help=f"built-in configuration: tiny, small, haplo-omni-9b (default: {default_preset})"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset, and of sampling")
+    if bundle_help:
+        source.add_argument("--bundle", type=Path, help=bundle_help)
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

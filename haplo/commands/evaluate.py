@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from haplo.commands.common import POSITIVE, comma_list
+from haplo.commands.common import POSITIVE, add_model_args, comma_list
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,11 +18,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "finds the prompted colour and its direction of travel in the decoded video); prints a table, "
         "writes results.json and table.txt with --out.",
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, help="checkpoint directory")
-    source.add_argument("--preset", help="built-in configuration (default: tiny)")
-    source.add_argument("--bundle", type=Path, help="evaluate this bundle (torch reference from its source)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the preset's weights, the clips' order, the noise")
+    add_model_args(
+        parser,
+        "tiny",
+        "evaluate this bundle (torch reference from its source)",
+        "seed of the preset's weights, the clips' order, the noise",
+    )
     parser.add_argument(
         "--backends",
         default="torch,onnxruntime",
