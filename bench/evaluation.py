@@ -25,6 +25,7 @@ from haplo.artifacts import check_output_dir, indexed_dir, write_atomic
 from haplo.bench import sources
 from haplo.bench.runner import machine_info
 from haplo.errors import HaploError
+from haplo.export.validate import ParityError
 from haplo.model.processor import HaploOmniProcessor
 from haplo.runtime.decoding import understand
 from haplo.runtime.pipeline import TextToVideoPipeline
@@ -51,7 +52,7 @@ class EvalError(HaploError, ValueError):
 
 @dataclass
 class EvalOptions:
-    preset: str | None = None  # default: tiny
+    preset: str | None = None  # with no checkpoint or bundle either: the shipped model
     checkpoint: Path | None = None
     bundle: Path | None = None
     seed: int = 0
@@ -62,10 +63,11 @@ class EvalOptions:
     prompts: int = 48  # held-out generation captions (every class once at 48)
     clip_size: tuple[int, int, int] = (9, 64, 64)  # frames, height, width of the understanding clips
     video_frames: int = 8  # frames of a clip the model sees
-    max_new_tokens: int = 16
+    max_new_tokens: int = 48  # the longest caption ("A yellow triangle moves to the right.") is 37 bytes
     steps: int | None = None  # DDIM steps (default: the config's)
     guidance: float | None = None  # default: the config's
     threads: int | None = None
+    int8_weights: str = "auto"  # INT8 weight range of the int8 bundles built: auto | full | reduced
     work_dir: Path = Path(".cache/haplo-eval")  # bundles built for --precisions (reused across runs)
 
     def check(self) -> None:
@@ -88,7 +90,7 @@ def run_eval(options: EvalOptions, log: Callable[[str], None] | None = None, pro
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     options.check()
     pairs = sources.variants(options.backends, options.precisions)
-    model, vae, tokenizer, name = sources.load_reference(options, default_preset="tiny")
+    model, vae, tokenizer, name = sources.load_reference(options)
     processor = HaploOmniProcessor(tokenizer, model.config)
     bundles: dict = {}
     entries = []
@@ -103,7 +105,8 @@ def run_eval(options: EvalOptions, log: Callable[[str], None] | None = None, pro
 
 
 def _open(kind: str, precision: str, options: EvalOptions, reference: tuple, bundles: dict, log):
-    """The variant's backend, or {"status": "skipped", "reason": ...} where this machine cannot run it."""
+    """The variant's backend, or {"status": "skipped", "reason": ...} where this machine cannot run it,
+    or {"status": "failed", ...} where its bundle does not pass the build's own checks."""
     model, vae, tokenizer, name = reference
     reason = sources.unavailable(kind)
     if reason:
@@ -112,8 +115,14 @@ def _open(kind: str, precision: str, options: EvalOptions, reference: tuple, bun
     bundle = None
     if kind not in ("torch", "torch-compile"):
         if precision not in bundles:
-            bundles[precision] = sources.bundle_for(precision, options, model, vae, tokenizer, name, log)
+            try:
+                bundles[precision] = sources.bundle_for(precision, options, model, vae, tokenizer, name, log)
+            except ParityError as err:  # the bundle `build` would refuse: reported, the others still run
+                bundles[precision] = {"status": "failed", "reason": f"build refused the bundle: {err}"}
         bundle = bundles[precision]
+        if isinstance(bundle, dict):
+            log(f"{kind}/{precision}: {bundle['reason']}")
+            return bundle
     return sources.make_backend(kind, model, vae, bundle, options.threads)
 
 
@@ -204,6 +213,26 @@ def summarise(rows: list[dict], attributes: tuple[str, ...], overall: str) -> di
         "per_attribute": {a: sum(r["correct"][a] for r in rows) / n if n else None for a in attributes},
         "per_class": per_class,
     }
+
+
+def task_check(clips: int, prompts: int, seed: int = 0, progress: bool = True) -> Callable:
+    """What `build` calls on its staged bundle (`export.build.TaskCheck`): understanding accuracy on
+    `clips` held-out clips and, with `prompts`, generation correctness; the summaries without rows."""
+
+    def check(backend, processor, log: Callable[[str], None]) -> dict:
+        options = EvalOptions(clips=clips, prompts=prompts, seed=seed)
+        result: dict = {"clips": clips, "prompts": prompts, "seed": seed}
+        if clips:
+            found = understanding(backend, processor, scenes("test", clips, seed), options, progress, "task")
+            result["understanding"] = {k: v for k, v in found.items() if k != "answers"}
+            log(f"task: understanding {_percent(found['all_correct'])} all three correct on {clips} held-out clips")
+        if prompts:
+            made = generation(backend, processor, scenes("test", prompts, seed), options, progress, "task")
+            result["generation"] = {k: v for k, v in made.items() if k != "results"}
+            log(f"task: generation {_percent(made['both_correct'])} colour and direction right on {prompts} prompts")
+        return result
+
+    return check
 
 
 # -- the document -----------------------------------------------------------------------------------------

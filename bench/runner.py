@@ -28,7 +28,7 @@ from haplo.bench.timing import PeakRSS, TimedBackend, gpu_peak_memory_mib
 
 @dataclass
 class BenchOptions:
-    preset: str | None = "small"
+    preset: str | None = None  # with no checkpoint or bundle either: the shipped model
     checkpoint: Path | None = None
     bundle: Path | None = None  # benchmark this bundle (its precision) instead of building one
     seed: int = 0

@@ -79,11 +79,13 @@ def unavailable(kind: str) -> str | None:
     return None if usable else f"TensorRT engines need an NVIDIA GPU with TensorRT ({reason})"
 
 
-def load_reference(options, default_preset: str = "small"):
-    """(model, vae, tokenizer, name) from a checkpoint, a preset, or the source a bundle records."""
+def load_reference(options):
+    """(model, vae, tokenizer, name) from a checkpoint, a preset, or the source a bundle records;
+    the shipped model when none is named."""
     from haplo.bundle import Bundle
     from haplo.model.config import preset
     from haplo.model.modeling import HaploOmniForConditionalGeneration
+    from haplo.model.shipped import shipped_checkpoint
     from haplo.model.tokenizer import tokenizer_for
     from haplo.model.vae import vae_for_checkpoint
 
@@ -96,12 +98,14 @@ def load_reference(options, default_preset: str = "small"):
                 raise SourceError(f"the bundle was built from {checkpoint}, which is gone; pass --checkpoint DIR")
         else:
             preset_name, seed = source.get("preset"), source.get("seed") or 0
+    if checkpoint is None and preset_name is None:
+        checkpoint = shipped_checkpoint()
     if checkpoint is not None:
         model = HaploOmniForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
         name = str(checkpoint)
     else:
-        model = HaploOmniForConditionalGeneration.from_config(preset(preset_name or default_preset), seed=seed)
-        name = preset_name or default_preset
+        model = HaploOmniForConditionalGeneration.from_config(preset(preset_name), seed=seed)
+        name = preset_name
     return model, vae_for_checkpoint(checkpoint, model.config), tokenizer_for(model.config, checkpoint), name
 
 
@@ -119,12 +123,13 @@ def bundle_for(precision: str, options, model, vae, tokenizer, name: str, log):
                 f"{options.bundle} is a {built} bundle; ask for --precisions {built} or leave --bundle out to build one"
             )
         return bundle
-    out = options.work_dir / f"{Path(name).name}-seed{options.seed}-{precision}"
+    weights = getattr(options, "int8_weights", "auto")  # eval's --int8-weights; bench builds with auto
+    suffix = f"-{weights}" if precision == "int8" and weights != "auto" else ""
+    out = options.work_dir / f"{Path(name).name}-seed{options.seed}-{precision}{suffix}"
     source = weights_source(options.checkpoint, name, options.seed, name)
-    log(f"bundle {precision}: {out} (graphs reused when unchanged)")
-    build_bundle(
-        model, vae, tokenizer, BuildOptions(out=out, precision=precision, source=source), BundleEngines(), log=log
-    )
+    log(f"bundle {precision}{suffix}: {out} (graphs reused when unchanged)")
+    build = BuildOptions(out=out, precision=precision, source=source, int8_weights=weights)
+    build_bundle(model, vae, tokenizer, build, BundleEngines(), log=log)
     return Bundle.open(out)
 
 

@@ -30,7 +30,7 @@ from haplo.cpuinfo import cpu_info
 from haplo.export import cache, custom_ops, graphs, parity, validate
 from haplo.export.graphs import GraphSpec, export_graph, graph_specs
 from haplo.export.quantize import calibration, policy, rewrite
-from haplo.export.report import keep_failed_report, write_report
+from haplo.export.report import append_task_report, keep_failed_report, write_report
 from haplo.export.validate import ParityError, Tolerances, validate_graph
 from haplo.model.config import STAGES
 from haplo.model.processor import HaploOmniProcessor
@@ -56,6 +56,7 @@ class BuildOptions:
     check_steps: int = 32  # greedy decode steps compared end to end
     ddim_steps: int = 3
     source: dict = field(default_factory=dict)  # where the weights came from, for the manifest
+    min_task_accuracy: float | None = None  # with a TaskCheck: refuse a bundle below it (fraction)
 
 
 class Engines(Protocol):
@@ -69,6 +70,13 @@ class Engines(Protocol):
     def build_engines(self, root: Path, manifest: Manifest, log: Callable[[str], None]) -> dict:
         """TensorRT engines for the staged bundle at `root`; returns the manifest's `engines` entry."""
         ...
+
+
+class TaskCheck(Protocol):
+    """Task accuracy of a backend over the staged bundle (e.g. `haplo.bench.evaluation.task_check`):
+    {"understanding": {"all_correct": ...}, "generation": {"both_correct": ...}}, either optional."""
+
+    def __call__(self, backend: Backend, processor: HaploOmniProcessor, log: Callable[[str], None]) -> dict: ...
 
 
 def weights_source(checkpoint: Path | None, preset: str | None, seed: int, name: str) -> dict:
@@ -95,10 +103,18 @@ def check_latent_shape(latent_shape: tuple[int, int, int, int]) -> tuple[int, in
 
 
 def build_bundle(
-    model, vae, tokenizer, options: BuildOptions, engines: Engines, log: Callable[[str], None] = print
+    model,
+    vae,
+    tokenizer,
+    options: BuildOptions,
+    engines: Engines,
+    log: Callable[[str], None] = print,
+    task: TaskCheck | None = None,
 ) -> Manifest:
     """Export, validate and write a bundle at `options.out`; `vae=None` leaves the VAE graph out.
-    Returns the manifest. The bundle appears at `out` only when every check passed."""
+    With `task`, the staged bundle's task accuracy goes into the manifest and the report (and is
+    held to `min_task_accuracy`). Returns the manifest. The bundle appears at `out` only when every
+    check passed."""
     started = time.perf_counter()
     out = Path(options.out)
     check_output(out)
@@ -108,6 +124,8 @@ def build_bundle(
         exported = _export_graphs(model, plan, options, tmp, log)
         manifest = _write(model, vae, tokenizer, plan, options, exported, tmp)
         _check_parity(model, vae, plan, options, exported, manifest, engines, tmp, log)
+        if task is not None:
+            _check_task(task, plan, options, manifest, engines, tmp, log)
         if options.target == "tensorrt" and options.build_engines:
             log("building TensorRT engines (plugins for haplo nodes, prefill and decode profiles)")
             manifest.engines = engines.build_engines(tmp, manifest, log)
@@ -366,6 +384,33 @@ def _requirements(entries: dict[str, GraphEntry]) -> dict:
         "the plugins of haplo.engines.plugins (plugin_namespace 'haplo') at build time and embeds their "
         "ahead-of-time compiled PTX in the engine, so running an engine needs no plugin library or Python.",
     }
+
+
+# -- check the task -----------------------------------------------------------------------------------
+
+
+def _check_task(task: TaskCheck, plan: _Plan, options: BuildOptions, manifest: Manifest, engines, tmp: Path, log):
+    """The staged bundle on ONNX Runtime asked the held-out questions; below the floor, refused."""
+    backend = engines.open_backend(Bundle.open(tmp, verify=False), check_level(plan, options))
+    manifest.task = task(backend, plan.processor, log)
+    append_task_report(tmp, manifest.task)
+    floor = options.min_task_accuracy
+    scores = {
+        name: manifest.task[kind][key]
+        for name, kind, key in (
+            ("understanding", "understanding", "all_correct"),
+            ("generation", "generation", "both_correct"),
+        )
+        if kind in manifest.task
+    }
+    low = {name: score for name, score in scores.items() if floor is not None and score < floor}
+    if low:
+        report = keep_failed_report(tmp, plan.out)
+        found = ", ".join(f"{name} {score:.1%}" for name, score in low.items())
+        raise ParityError(
+            f"task accuracy below --quant-min-task-accuracy {floor:.1%}: {found} (report: {report}); keep "
+            "the worst graphs in fp32 with --graph-precision NAME=fp32 or --exclude-modules, or use a higher precision"
+        )
 
 
 # -- check parity -------------------------------------------------------------------------------------

@@ -17,6 +17,19 @@ def write_report(root: Path, manifest: Manifest, parity: dict) -> None:
     (root / "report.md").write_text("\n".join(lines))
 
 
+def append_task_report(root: Path, task: dict) -> None:
+    """The task accuracy of the staged bundle, after the per-graph figures of report.md."""
+    lines = ["", f"## Task accuracy on held-out clips of the synthetic world (seed {task['seed']})", ""]
+    lines += ["| task | n | overall | colour | shape | direction |", "|---|---|---|---|---|---|"]
+    for kind, key in (("understanding", "all_correct"), ("generation", "both_correct")):
+        if kind in task:
+            r, cells = task[kind], task[kind]["per_attribute"]
+            per = [f"{cells[a]:.1%}" if a in cells else "-" for a in ("colour", "shape", "direction")]
+            lines.append(f"| {kind} ({key.replace('_', ' ')}) | {r['n']} | {r[key]:.1%} | " + " | ".join(per) + " |")
+    with open(root / "report.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def _graph_table(manifest: Manifest, parity: dict) -> list[str]:
     lines = [
         f"{TITLE}: {manifest.source.get('name', '')}",

@@ -82,6 +82,7 @@ class Manifest:
     vae: VaeEntry | None  # None: built without the VAE decoder graph
     versions: dict[str, Any]  # library versions of the build
     parity: dict[str, Any] = field(default_factory=dict)  # summary; the full record is parity.json
+    task: dict[str, Any] = field(default_factory=dict)  # task accuracy on held-out clips (build's task check)
     build_seconds: float | None = None
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # graph -> TensorRT engine entry
     files: dict[str, str] = field(default_factory=dict)  # every file but the manifest -> sha256

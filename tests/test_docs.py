@@ -10,10 +10,11 @@ import pytest
 
 from haplo.commands.main import build_parser
 from haplo.training.config import TrainConfig
+from haplo.training.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", "ARCHITECTURE.md", "CONTRIBUTING.md"]
-TOP = ("haplo/", "export/", "engines/", "bench/", "tests/", "configs/", ".ci/")
+TOP = ("haplo/", "export/", "engines/", "bench/", "tests/", "configs/", ".ci/", "docs/")
 # Paths a document shows as outputs or user inputs, not as files of the repository.
 MADE = ("bench/results/latest", "configs/train-mine.yaml")
 
@@ -57,8 +58,14 @@ def test_every_readme_command_parses():
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_training_configs_load(config):
-    stage = int(re.search(r"^stage: (\d)", config.read_text(), re.M).group(1))
+def test_training_configs_load(config, tmp_path):
+    """A stage config (`stage: N`) loads as a TrainConfig; a recipe (`stages:`) as a Recipe."""
+    text = config.read_text()
+    if re.search(r"^stages:", text, re.M):
+        recipe = Recipe.from_yaml(config, output_dir=str(tmp_path / "run"))
+        assert recipe.stage_configs()[0].output_dir.startswith(str(tmp_path))
+        return
+    stage = int(re.search(r"^stage: (\d)", text, re.M).group(1))
     assert TrainConfig.from_yaml(config, stage=stage).stage == stage
 
 

@@ -44,13 +44,15 @@ def build(model, out, **kwargs):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return HaploOmniForConditionalGeneration.from_preset("tiny", seed=0)  # the CLI default's weights
+    return HaploOmniForConditionalGeneration.from_preset("tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(cli_bundle):
-    """The default bundle of `haplo-export build` (session fixture), with its manifest."""
-    return cli_bundle, Bundle.open(cli_bundle).manifest
+def tiny_bundle(tiny_model, tmp_path_factory):
+    """The tiny preset's bundle (random weights, random VAE), with its manifest."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    manifest, _ = build(tiny_model, out)
+    return out, manifest
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +263,26 @@ def test_build_without_vae_and_generate_says_so(tiny_model, tmp_path):
     assert "vae_decoder" not in manifest.graphs and manifest.vae is None and manifest.parity["ok"]
     with pytest.raises(RequestError, match="no VAE decoder graph"):
         OrtBackend(tmp_path / "novae").check_vae_size((3, 16, 8, 8))
+
+
+def test_task_accuracy_goes_into_the_report_and_a_floor_refuses_the_bundle(tiny_model, tmp_path):
+    from haplo.bench.evaluation import task_check
+    from haplo.export.validate import ParityError
+
+    lines = []
+    out = tmp_path / "gated"
+    options = BuildOptions(out=out, min_task_accuracy=0.5)
+    with pytest.raises(ParityError, match=r"task accuracy below --quant-min-task-accuracy 50.0%: understanding 0.0%"):
+        build_bundle(
+            tiny_model,
+            build_random_vae(tiny_model.config),
+            build_tokenizer(tiny_model.config),
+            options,
+            BundleEngines(),
+            lines.append,
+            task_check(clips=2, prompts=0, progress=False),
+        )
+    assert not out.exists()  # random weights answer nothing right: refused, nothing at the target
+    report = (tmp_path / "gated.failed-report.md").read_text()
+    assert "## Task accuracy on held-out clips" in report and "| understanding (all correct) | 2 | 0.0% |" in report
+    assert any("task: understanding 0.0% all three correct on 2 held-out clips" in line for line in lines)

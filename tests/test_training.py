@@ -163,3 +163,106 @@ def test_config_errors(tmp_path):
     good.write_text("stage: 2\nstep: 1\n")
     cfg = TrainConfig.from_yaml(good)
     assert (cfg.learning_rate, cfg.batch_size, cfg.warmup_steps, cfg.adam_betas) == (1e-5, 128, 2000, (0.9, 0.999))
+
+
+def test_understanding_batch_pads_left_and_labels_only_each_answer(data):
+    from haplo.model.processor import HaploOmniProcessor
+    from haplo.model.tokenizer import build_tokenizer
+    from haplo.training.data import understanding_batch
+
+    config = preset("tiny")
+    processor = HaploOmniProcessor(build_tokenizer(config), config)
+    records = [r for r in read_jsonl(data) if r["type"] == "understanding"]
+    assert {"video", "images"} <= {k for r in records for k in r}  # videos and stills in one batch
+    batch = understanding_batch(processor, records, video_frames=8)
+    assert batch["input_ids"].shape[0] == len(records) and "pixel_values" in batch and "pixel_values_videos" in batch
+    for row, record in enumerate(records):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        answer = processor.decode(labelled.tolist(), skip_special_tokens=True).strip()
+        assert answer == record["conversations"][1]["content"]
+        assert batch["attention_mask"][row, -1] == 1  # left padding: every row ends with its answer
+    out = HaploOmniForConditionalGeneration.from_config(config, seed=0)(
+        **{k: v for k, v in batch.items() if k != "labels"}
+    )
+    assert torch.isfinite(out.logits).all()
+
+
+def test_micro_batches_see_the_examples_of_the_seeded_order(data, tmp_path):
+    from haplo.training.trainer import example_at
+
+    pool = list(range(7))
+    first_pass = [example_at(p, pool, seed=3) for p in range(7)]
+    assert sorted(first_pass) == pool and first_pass != pool  # a permutation, then the next
+    assert [example_at(p, pool, seed=3) for p in range(7, 14)] != first_pass
+    cfg = TrainConfig(stage=3, data=str(data), output_dir=str(tmp_path), max_steps=2, batch_size=4, preset="tiny")
+    assert cfg.micro_batch_size == 4  # capped at the batch
+    state = train(cfg, log=lambda _: None)
+    assert state["examples"] == 8 and state["seconds"] > 0
+    lines = (tmp_path / "losses.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all("examples_per_s" in line for line in lines)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
+    from haplo.training.trainer import lr_factor
+
+    cfg = TrainConfig(stage=3, max_steps=110, warmup_steps=10, lr_schedule="cosine")
+    factors = [lr_factor(cfg, s) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(TrainConfig(stage=3, warmup_steps=0), 50) == 1.0
+    with pytest.raises(TrainConfigError, match="lr_schedule"):
+        TrainConfig(stage=3, lr_schedule="linear")
+
+
+RECIPE = """
+preset: tiny
+output_dir: {out}
+data: {{train: 4, validation: 2}}
+vae: {{block_out_channels: [4, 4, 4, 4], steps: 2, batch_size: 2}}
+stages:
+  - {{stage: 2, step: 1, max_steps: 1, batch_size: 2}}
+  - {{stage: 3, max_steps: 1, batch_size: 4, micro_batch_size: 2}}
+"""
+
+
+def test_recipe_first_steps_give_a_model_that_loads_and_evaluates(tmp_path):
+    import json
+
+    from haplo.bench.evaluation import EvalOptions, run_eval
+    from haplo.training.recipe import Recipe, run_recipe
+
+    (tmp_path / "recipe.yaml").write_text(RECIPE.format(out=tmp_path / "run"))
+    summary = run_recipe(Recipe.from_yaml(tmp_path / "recipe.yaml"), log=lambda _: None)
+    model_dir = tmp_path / "run" / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training.json", "vae"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    assert not (model_dir / "state").exists()
+    assert [s["stage"] for s in summary["stages"]] == ["2.1", "3"] and summary["vae"]["psnr_db"]["held_out"] > 0
+    assert json.loads((model_dir / "training.json").read_text())["stages"][1]["examples"] == 4
+    doc = run_eval(EvalOptions(checkpoint=model_dir, backends=["torch"], clips=2, prompts=1, steps=1), progress=False)
+    assert doc["variants"][0]["understanding"]["n"] == 2 and doc["variants"][0]["generation"]["n"] == 1
+    again = run_recipe(Recipe.from_yaml(tmp_path / "recipe.yaml"), log=lambda _: None)  # every step is done: reused
+    assert again["stages"] == summary["stages"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("preset: tiny\n", "needs 'preset' and a list of 'stages'"),
+        ("preset: tiny\nstages: [{stage: 3}]\nepochs: 3\n", "unknown keys epochs"),
+        ("preset: tiny\nstages: [{stage: 3}]\ndata: {clips: 3}\n", "unknown keys data.clips"),
+        ("preset: tiny\nstages: [{stage: 3, speed: 2}]\n", "stage 3: "),
+        ("preset: tiny\nstages: [{stage: 2}]\n", "stage 2 needs --step"),
+        ("preset: tiny\nstages: [{stage: 3}]\nvae: {steps: 0}\n", "steps and batch_size must be >= 1"),
+        ("[unclosed\n", "not valid YAML"),
+    ],
+)
+def test_recipe_errors_are_named_before_any_work(tmp_path, text, message):
+    from haplo.errors import HaploError
+    from haplo.training.recipe import Recipe
+
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(HaploError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        Recipe.from_yaml(tmp_path / "r.yaml", output_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

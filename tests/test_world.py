@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from haplo.training.world import (
+    BACKGROUND,
     COLOURS,
     DIRECTIONS,
     SHAPES,
@@ -88,8 +89,33 @@ def test_synthetic_dataset_is_the_task(tmp_path):
     from haplo.training.data import make_synthetic_dataset, read_jsonl
 
     records = read_jsonl(make_synthetic_dataset(tmp_path / "val", 8, 9, 32, 32, split="validation"))
-    understanding = [r for r in records if r["type"] == "understanding"]
     held_out = scenes("validation", 8)
-    assert [r["conversations"][1]["content"] for r in understanding] == [s.caption for s in held_out]
-    assert len({r["conversations"][0]["content"] for r in understanding}) == 4  # every question form
+    for key, placeholder in (("video", "<video>"), ("images", "<image>")):
+        asked = [r for r in records if r["type"] == "understanding" and key in r]
+        assert [r["conversations"][1]["content"] for r in asked] == [s.caption for s in held_out]
+        questions = {r["conversations"][0]["content"] for r in asked}
+        assert len(questions) == 4 and all(q.startswith(placeholder + "\n") for q in questions)  # every form
     assert [r["caption"] for r in records if r["type"] == "generation"] == [s.caption for s in held_out]
+    assert all((tmp_path / "val" / r["images"][0]).is_file() for r in records if "images" in r)
+
+
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_a_still_shows_the_motion_as_a_trail_behind_the_shape(direction):
+    scene = Scene("blue", "square", direction, seed=3)
+    video, still = scene.video(9, 64, 64), scene.still(64, 64)
+    assert np.array_equal(still[colour_mask(video, "blue")[-1]], video[-1][colour_mask(video, "blue")[-1]])  # solid now
+    trail = np.abs(still.astype(int) - np.array(BACKGROUND)).sum(-1) > 0  # anything that is not background
+    ys, xs = np.nonzero(trail & ~colour_mask(video, "blue")[-1])
+    head_x, head_y = (v.mean() for v in np.nonzero(colour_mask(video, "blue")[-1])[::-1])
+    dx, dy = DIRECTIONS[direction]
+    behind = (head_x - xs) * dx + (head_y - ys) * dy  # distance behind the head along the motion
+    assert len(xs) > 20 and np.mean(behind > 0) > 0.95
+    assert parse_caption(scene.caption)["direction"] == direction
+
+
+def test_the_seed_moves_the_path_and_the_background_is_plain():
+    a, b = (Scene("red", "circle", "up", seed=s).video(9, 64, 64) for s in (1, 2))
+    assert not np.array_equal(a, b)
+    for video in (a, b):
+        corners = video[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+        assert (corners == np.array(BACKGROUND)).all()

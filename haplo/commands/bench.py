@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Runs torch eager (the baseline), ONNX Runtime and TensorRT (when present) "
         "on the same inputs in one process; writes results.json, table.txt and PNG plots.",
     )
-    add_model_args(parser, "small", "benchmark this bundle (torch baseline from its source)")
+    add_model_args(parser, "benchmark this bundle (torch baseline from its source)")
     parser.add_argument(
         "--backends",
         default="torch,onnxruntime,tensorrt",
@@ -89,7 +89,7 @@ def _options(args: argparse.Namespace):
     from haplo.bench.runner import BenchOptions
 
     return BenchOptions(
-        preset=args.preset or (None if args.checkpoint or args.bundle else "small"),
+        preset=args.preset,
         checkpoint=args.checkpoint,
         bundle=args.bundle,
         seed=args.seed,

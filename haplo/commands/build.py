@@ -11,6 +11,7 @@ from haplo.bundle import Manifest
 from haplo.commands.common import (
     DEFAULT_PRESET,
     FRACTION,
+    NON_NEGATIVE,
     NON_NEGATIVE_FLOAT,
     POSITIVE,
     add_model_args,
@@ -19,6 +20,7 @@ from haplo.commands.common import (
     source_name,
 )
 from haplo.errors import UsageError
+from haplo.model.shipped import SHIPPED_NAME
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,7 +38,7 @@ def _add_target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("bundles") / DEFAULT_PRESET,
+        default=Path("bundles") / SHIPPED_NAME,
         help="bundle directory: new, empty, or a bundle this tool built (anything else is refused)",
     )
     parser.add_argument(
@@ -90,6 +92,22 @@ def _add_quantization_args(parser: argparse.ArgumentParser) -> None:
     ]
     for flag, default, text in budgets:
         parser.add_argument(flag, type=FRACTION, default=default, help=text)
+    parser.add_argument(
+        "--quant-min-task-accuracy",
+        type=FRACTION,
+        help="refuse the bundle when its task accuracy on held-out clips (understanding all three right; "
+        "generation colour and direction right, with --task-prompts) is below this fraction, e.g. 0.9",
+    )
+    parser.add_argument(
+        "--task-clips",
+        type=NON_NEGATIVE,
+        default=48,
+        help="held-out clips the task check asks about; it runs for low-precision builds and with "
+        "--quant-min-task-accuracy, 0 turns it off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--task-prompts", type=NON_NEGATIVE, default=0, help="held-out captions the task check generates (default: 0)"
+    )
 
 
 def _add_graph_args(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +211,18 @@ def _options(args: argparse.Namespace, video: tuple[int, int, int], target: str,
         exclude_modules=tuple(args.exclude_modules),
         int8_weights=args.int8_weights,
         tolerances=_tolerances(args),
+        min_task_accuracy=args.quant_min_task_accuracy,
     )
+
+
+def _task_check(args: argparse.Namespace):
+    """The held-out task check for a low-precision build or a task floor; None when not asked for."""
+    from haplo.bench.evaluation import task_check
+
+    wanted = args.precision != "fp32" or args.quant_min_task_accuracy is not None
+    if not wanted or not (args.task_clips or args.task_prompts):
+        return None
+    return task_check(args.task_clips, args.task_prompts, args.seed, progress=not args.json)
 
 
 def _summary(args: argparse.Namespace, manifest: Manifest) -> dict:
@@ -204,6 +233,7 @@ def _summary(args: argparse.Namespace, manifest: Manifest) -> dict:
         "graphs": list(manifest.graphs),
         "engines": list(manifest.engines),
         "parity": manifest.parity,
+        "task": manifest.task,
         "build_seconds": manifest.build_seconds,
     }
 
@@ -222,6 +252,9 @@ def _print_report(args: argparse.Namespace, manifest: Manifest, has_vae: bool, t
     weights = manifest.quantization["int8_weights"]
     if weights:
         print(f"  INT8 weights: {weights['range']} range (+-{weights['max']}), exact on {weights['exact_on']}")
+    for kind, key in (("understanding", "all_correct"), ("generation", "both_correct")):
+        if kind in manifest.task:
+            print(f"  task {kind}: {manifest.task[kind][key]:.1%} on {manifest.task[kind]['n']} held-out clips")
     if not has_vae:
         print("note: built without the VAE decoder graph (--no-vae); `run generate` needs one")
     if target != "tensorrt":
@@ -244,7 +277,8 @@ def run(args: argparse.Namespace) -> dict:
     target, reason = _target(args)
     options = _options(args, video, target, overrides)
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    manifest = build_bundle(model, vae, load_tokenizer_for(args, config), options, BundleEngines(), log)
+    tokenizer = load_tokenizer_for(args, config)
+    manifest = build_bundle(model, vae, tokenizer, options, BundleEngines(), log, _task_check(args))
     summary = _summary(args, manifest)
     if args.json:
         print(json.dumps(summary, indent=2))

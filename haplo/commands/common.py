@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from haplo.errors import UsageError
+from haplo.model.config import PRESETS
+from haplo.model.shipped import SHIPPED_NAME, shipped_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -62,19 +64,28 @@ TOP_P = _number(float, 0.0, 1.0, low_open=True, what="must be in (0, 1]; 1 = off
 
 def add_model_args(
     parser: argparse.ArgumentParser,
-    default_preset: str = DEFAULT_PRESET,
     bundle_help: str | None = None,
     seed_help: str = "seed of the random weights of a preset, and of sampling",
 ) -> None:
-    """--checkpoint or --preset (or, with `bundle_help`, --bundle; exclusive), and --seed."""
+    """--checkpoint or --preset (or, with `bundle_help`, --bundle; exclusive), and --seed. With none
+    of them the command runs the shipped model (`apply_default_model`)."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, help="checkpoint directory (config.json + model.safetensors)")
     source.add_argument(
-        "--preset", help=f"built-in configuration: tiny, small, haplo-omni-9b (default: {default_preset})"
+        "--checkpoint",
+        type=Path,
+        help=f"checkpoint directory (config.json + model.safetensors; default: the shipped {SHIPPED_NAME})",
     )
+    source.add_argument("--preset", help=f"built-in configuration, random weights: {', '.join(PRESETS)}")
     if bundle_help:
         source.add_argument("--bundle", type=Path, help=bundle_help)
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.set_defaults(model_default=True)
+
+
+def apply_default_model(args: argparse.Namespace) -> None:
+    """No --checkpoint, --preset or --bundle: the shipped, trained model."""
+    if getattr(args, "model_default", False) and not (args.checkpoint or args.preset or getattr(args, "bundle", None)):
+        args.checkpoint = shipped_checkpoint()
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_model_args(
         parser,
-        "tiny",
         "evaluate this bundle (torch reference from its source)",
         "seed of the preset's weights, the clips' order, the noise",
     )
@@ -31,6 +30,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--precisions", default="fp32", help="comma list for onnxruntime/tensorrt: fp32, int8, fp8, ... (default: fp32)"
+    )
+    parser.add_argument(
+        "--int8-weights",
+        default="auto",
+        choices=["auto", "full", "reduced"],
+        help="INT8 weight range of the int8 bundles eval builds; reduced is what an AVX2-only CPU computes "
+        "exactly, on any x86 CPU (default: %(default)s, by this CPU)",
     )
     parser.add_argument("--tasks", default="understanding,generation", help="comma list (default: %(default)s)")
     parser.add_argument("--clips", type=POSITIVE, default=96, help="held-out understanding clips (default: 96)")
@@ -61,6 +67,7 @@ def _options(args: argparse.Namespace):
         prompts=args.prompts,
         steps=args.steps,
         threads=args.threads,
+        int8_weights=args.int8_weights,
         work_dir=args.work_dir,
     )
 

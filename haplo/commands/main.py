@@ -1,6 +1,7 @@
 """`haplo-export`: the deployment tool's one entry point.
 
     haplo-export inspect  --preset haplo-omni-9b
+    haplo-export build    --out bundles/haplo-mini                      (the shipped model)
     haplo-export build    --preset tiny --out bundles/tiny
     haplo-export run --bundle bundles/tiny understand --prompt "Describe the video." --video clip.mp4
     haplo-export run understand --prompt "Describe the video." --video clip.mp4   (PyTorch)
@@ -9,8 +10,9 @@
     haplo-export bench    --preset small --backends torch,onnxruntime --precisions fp32,int8
     haplo-export kernels  --preset tiny --arch 90 --out kernels/sm_90
 
-Every command works on a checkpoint directory (`--checkpoint DIR`) or a built-in preset (`--preset`,
-default `tiny`, randomly initialised with `--seed`). Bad input ends with one `error:` line, exit code 2.
+Every command works on the shipped, trained haplo-mini by default, a checkpoint directory
+(`--checkpoint DIR`) or a built-in preset (`--preset`, randomly initialised with `--seed`).
+Bad input ends with one `error:` line, exit code 2.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import argparse
 import sys
 
 from haplo.commands import bench, build, evaluate, inspect, kernels, run
-from haplo.commands.common import Parser
+from haplo.commands.common import Parser, apply_default_model
 from haplo.errors import HaploError
 
 SUBCOMMANDS = (inspect, build, run, evaluate, bench, kernels)  # in the order `--help` lists them
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        apply_default_model(args)
         args.handler(args)
     except HaploError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,11 +61,21 @@ def _add_understand(tasks: argparse._SubParsersAction) -> None:
     parser = tasks.add_parser("understand", help="answer a prompt about images / a video (autoregressive text)")
     add_run_args(parser)
     add_bundle_args(parser, after_task=True)
-    parser.add_argument("--prompt", default="Describe what you see.", help="the user's question")
+    parser.add_argument(
+        "--prompt",
+        help="the user's question (default: what moves and where, for a video or an image; else a description)",
+    )
     parser.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
-    parser.add_argument("--video", type=Path, help="video file (mp4, gif, ...)")
+    media = parser.add_mutually_exclusive_group()
+    media.add_argument("--video", type=Path, help="video file (mp4, gif, ...)")
+    media.add_argument(
+        "--demo-clip",
+        type=Path,
+        metavar="PATH.mp4",
+        help="make a held-out clip of the synthetic world (scene chosen by --seed), write it to PATH and ask about it",
+    )
     parser.add_argument("--video-frames", type=POSITIVE, default=8, help="frames sampled uniformly from --video")
-    parser.add_argument("--max-new-tokens", type=POSITIVE, default=32)
+    parser.add_argument("--max-new-tokens", type=POSITIVE, default=48, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="0 = off")
     parser.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
@@ -74,7 +85,7 @@ def _add_generate(tasks: argparse._SubParsersAction) -> None:
     parser = tasks.add_parser("generate", help="text-to-video (DDIM with classifier-free guidance, VAE decode)")
     add_run_args(parser)
     add_bundle_args(parser, after_task=True)
-    parser.add_argument("--prompt", default="A red square moves from left to right.")
+    parser.add_argument("--prompt", default="A red square moves to the left.", help="caption of the video to make")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--steps", type=POSITIVE, help="DDIM steps (default: config)")
     parser.add_argument("--guidance", type=NON_NEGATIVE_FLOAT, help="classifier-free guidance scale (default: config)")
@@ -122,11 +133,31 @@ def _check_media(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.video}: no such video file")
 
 
+def _demo_clip(args: argparse.Namespace) -> str:
+    """Write a scene of the held-out test split (number --seed of its first 96) as --demo-clip and
+    use it as --video; returns the scene's caption."""
+    from haplo.training.world import scenes
+    from haplo.video import write_video
+
+    check_video_out(args.demo_clip, "--demo-clip")
+    scene = scenes("test", 96)[args.seed % 96]
+    args.video = write_video(scene.video(9, 64, 64), args.demo_clip, fps=8)
+    return scene.caption
+
+
+def _default_prompt(args: argparse.Namespace) -> str:
+    from haplo.training.world import IMAGE_QUESTIONS, QUESTIONS
+
+    if args.video is not None:
+        return QUESTIONS[0]
+    return IMAGE_QUESTIONS[0] if args.image else "Describe what you see."
+
+
 def _processor_inputs(args: argparse.Namespace, processor) -> dict:
     from haplo.model.processor import ProcessorError
 
     placeholders = "<image>\n" * len(args.image) + ("<video>\n" if args.video else "")
-    conversation = [{"role": "user", "content": placeholders + args.prompt}]
+    conversation = [{"role": "user", "content": placeholders + (args.prompt or _default_prompt(args))}]
     videos = [read_video_frames(args.video, args.video_frames)] if args.video else None
     try:
         return processor(conversations=[conversation], images=[str(p) for p in args.image] or None, videos=videos)
@@ -139,6 +170,7 @@ def understand(args: argparse.Namespace) -> dict:
 
     from haplo.runtime.decoding import understand as decode
 
+    truth = _demo_clip(args) if args.demo_clip else None
     _check_media(args)
     backend, processor = load_backend(args, need_vae=False)
     inputs = _processor_inputs(args, processor)
@@ -164,7 +196,11 @@ def understand(args: argparse.Namespace) -> dict:
         "backend": backend.name,
         "seconds": round(elapsed, 4),
     }
+    if truth is not None:
+        result.update(clip=str(args.video), clip_shows=truth)
     print(json.dumps(result) if args.json else text)
+    if truth is not None and not args.json:
+        print(f"note: {args.video} shows: {truth}", file=sys.stderr)
     note_random_weights(args)
     return result
 
@@ -172,16 +208,18 @@ def understand(args: argparse.Namespace) -> dict:
 # -- generate ------------------------------------------------------------------------------------
 
 
-def check_video_out(out: Path) -> None:
-    """`run generate --out`: an .mp4 path that is not a directory and whose folder can be made."""
+def check_video_out(out: Path, flag: str = "--out") -> None:
+    """An .mp4 path to write: not a directory, and its folder can be made."""
     from haplo.artifacts import creatable_parent
 
     if out.suffix.lower() != ".mp4":
-        raise UsageError(f"--out {out}: use a .mp4 path (a .gif is written beside it)")
+        raise UsageError(
+            f"{flag} {out}: use a .mp4 path" + (" (a .gif is written beside it)" if flag == "--out" else "")
+        )
     if out.is_dir():
-        raise UsageError(f"--out {out}: is a directory; name a .mp4 file")
+        raise UsageError(f"{flag} {out}: is a directory; name a .mp4 file")
     if creatable_parent(out.parent.resolve()) is None:
-        raise UsageError(f"--out {out}: cannot create {out.parent} (a parent is a file, or not writable)")
+        raise UsageError(f"{flag} {out}: cannot create {out.parent} (a parent is a file, or not writable)")
 
 
 def _write_videos(args: argparse.Namespace, result, fps: int) -> tuple[Path, Path, tuple[int, ...]]:

@@ -372,6 +372,30 @@ def _tiny_priors() -> HaploOmniConfig:
     return config
 
 
+def _haplo_mini() -> HaploOmniConfig:
+    # The shipped model's architecture (trained by `haplo-train recipe --config configs/haplo-mini.yaml`):
+    # 2 + 4 + 2 layers, pre/post 128 wide, base 192 wide with grouped K/V, 56-pixel tiles of 16 patches,
+    # byte-level vocabulary; 9-frame 64x64 videos in 8 guided DDIM steps.
+    vision = dict(vocab_size=1024, patch_size=14, default_image_size=56, image_grid_pinpoints=[[56, 56]])
+    side = dict(intermediate_size=384, num_attention_heads=4, num_key_value_heads=4, attention_rope=True)
+    return HaploOmniConfig(
+        pre=_stage(hidden_size=128, num_hidden_layers=2, rope_theta=10000.0, **side, **vision),
+        base=_stage(
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            **vision,
+        ),
+        post=_stage(hidden_size=128, num_hidden_layers=2, rope_theta=10000.0, **side, **vision),
+        video_generation=VideoGenerationConfig(
+            text_embed_dim=16, num_inference_steps=8, guidance_scale=4.0, num_frames=9, height=64, width=64, fps=8
+        ),
+    )
+
+
 def _small() -> HaploOmniConfig:
     # About 100M parameters: big enough for CPU benchmarks to mean something, small enough to run.
     vision = dict(
@@ -473,7 +497,13 @@ def _haplo_omni_9b() -> HaploOmniConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "tiny-priors": _tiny_priors, "small": _small, "haplo-omni-9b": _haplo_omni_9b}
+PRESETS = {
+    "tiny": _tiny,
+    "tiny-priors": _tiny_priors,
+    "haplo-mini": _haplo_mini,
+    "small": _small,
+    "haplo-omni-9b": _haplo_omni_9b,
+}
 
 
 def preset(name: str) -> HaploOmniConfig:

@@ -71,12 +71,15 @@ def build_tokenizer(config: HaploOmniConfig) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
-    """Hugging Face tokenizer files from a local directory (never the hub)."""
+    """Hugging Face tokenizer files from a local directory (never the hub). A `tokenizer.json` is
+    loaded as it is (AutoTokenizer would read the model's config.json, which is not a transformers
+    model type); other layouts go through AutoTokenizer."""
     directory = Path(directory)
     if not directory.is_dir():
         raise TokenizerError(f"{directory}: not a directory of tokenizer files")
+    loader = PreTrainedTokenizerFast if (directory / "tokenizer.json").is_file() else AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = loader.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as err:
         raise TokenizerError(f"{directory}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
     tokenizer.padding_side = "left"

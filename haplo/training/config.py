@@ -9,8 +9,8 @@ import yaml
 
 from haplo.errors import HaploError
 
-# Appendix A.3. The batch size is the number of examples per optimiser step (micro-batches of one,
-# accumulated); warmup is in optimiser steps.
+# Appendix A.3. The batch size is the number of examples per optimiser step (accumulated over
+# micro-batches of `micro_batch_size` padded examples); warmup is in optimiser steps.
 PAPER_DEFAULTS = {
     (1, None): {"learning_rate": 1e-4, "post_learning_rate": 2e-4, "batch_size": 32, "warmup_steps": 0},
     (2, 1): {"learning_rate": 1e-5, "batch_size": 128, "warmup_steps": 2000},
@@ -40,13 +40,17 @@ class TrainConfig:
     cogvideox: str | None = None
     frozen_timestep: float = 500.0  # where CogVideoX's AdaLN is evaluated for the state sets
     data: str = "data/synthetic/data.jsonl"
+    vae: str | None = None  # a diffusers AutoencoderKLCogVideoX directory (else the checkpoint's vae/)
     output_dir: str = "runs/stage1"
     resume_from: str | None = None  # a checkpoint-N directory of an earlier run
     max_steps: int = 100
     learning_rate: float | None = None  # None: the paper's value for the stage
     post_learning_rate: float | None = None  # stage 1 post-decoder
     batch_size: int | None = None
+    micro_batch_size: int = 8  # padded examples per forward pass (capped at batch_size)
+    caption_dropout: float = 0.1  # generation captions replaced by the empty prompt (guidance's negative)
     warmup_steps: int | None = None
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine (to 10% at max_steps)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -71,6 +75,11 @@ class TrainConfig:
         for key, value in PAPER_DEFAULTS[(self.stage, self.step)].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise TrainConfigError(f"lr_schedule {self.lr_schedule!r}: choose constant or cosine")
+        if self.micro_batch_size < 1 or not 0 <= self.caption_dropout < 1:
+            raise TrainConfigError("micro_batch_size must be >= 1 and caption_dropout in [0, 1)")
+        self.micro_batch_size = min(self.micro_batch_size, self.batch_size)
         self.adam_betas = tuple(self.adam_betas)
         self.pre_loss_weights, self.post_loss_weights = tuple(self.pre_loss_weights), tuple(self.post_loss_weights)
 

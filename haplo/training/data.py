@@ -14,6 +14,7 @@ tokens are the labels); generation records through the VAE encoder (video -> lat
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from haplo.artifacts import check_output_dir, write_atomic
+from haplo.artifacts import atomic_path, check_output_dir, write_atomic
 from haplo.errors import HaploError
-from haplo.training.world import QUESTIONS, scenes
+from haplo.training.world import IMAGE_QUESTIONS, QUESTIONS, motion_still, scenes
 from haplo.video import evenly_spaced, write_video
 
 
@@ -32,38 +33,48 @@ class DataError(HaploError, ValueError):
 
 
 def _is_synthetic_dataset(root: Path) -> bool:
-    others = [p for p in root.iterdir() if p.name not in ("data.jsonl", "videos")]
-    videos = root / "videos"
+    others = [p for p in root.iterdir() if p.name not in ("data.jsonl", "videos", "stills")]
+    media = {"videos": ".mp4", "stills": ".png"}
     return (
         (root / "data.jsonl").is_file()
         and not others
-        and (not videos.exists() or all(p.suffix == ".mp4" for p in videos.iterdir()))
+        and all(not (root / d).exists() or all(p.suffix == x for p in (root / d).iterdir()) for d, x in media.items())
     )
 
 
 def make_synthetic_dataset(
     out: str | Path, count: int, frames: int, height: int, width: int, seed: int = 0, split: str = "train"
 ) -> Path:
-    """Write `count` clips (mp4) of a split of the synthetic world and a data.jsonl with one
-    understanding record (the question forms in turn, the caption as the answer) and one generation
-    record per clip. Returns the JSONL path. `out` must be new, empty, or a dataset this function wrote."""
+    """Write `count` clips (mp4) of a split of the synthetic world, a still of each (png, its motion
+    as a fading trail) and a data.jsonl with, per clip, an understanding record for the video and one
+    for the still (the question forms in turn, the caption as the answer) and a generation record.
+    Returns the JSONL path. `out` must be new, empty, or a dataset this function wrote."""
     out = Path(out)
     check_output_dir(out, _is_synthetic_dataset, "synthetic dataset")
-    (out / "videos").mkdir(parents=True, exist_ok=True)
+    for folder in ("videos", "stills"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     records = []
     for i, scene in enumerate(scenes(split, count, seed)):
-        path = write_video(scene.video(frames, height, width), out / "videos" / f"{i:05d}.mp4", fps=8)
-        rel = path.relative_to(out).as_posix()
-        question = QUESTIONS[i % len(QUESTIONS)]
-        conversation = [
-            {"role": "user", "content": f"<video>\n{question}"},
-            {"role": "assistant", "content": scene.caption},
-        ]
-        records.append({"type": "understanding", "video": rel, "conversations": conversation})
-        records.append({"type": "generation", "video": rel, "caption": scene.caption})
+        clip = scene.video(frames, height, width)
+        video = write_video(clip, out / "videos" / f"{i:05d}.mp4", fps=8).relative_to(out).as_posix()
+        still = f"stills/{i:05d}.png"
+        with atomic_path(out / still) as tmp:
+            Image.fromarray(motion_still(clip)).save(tmp, format="PNG")
+        records.append(_question(scene, "video", video, QUESTIONS[i % len(QUESTIONS)]))
+        records.append(_question(scene, "images", [still], IMAGE_QUESTIONS[(i + 1) % len(IMAGE_QUESTIONS)]))
+        records.append({"type": "generation", "video": video, "caption": scene.caption})
     jsonl = out / "data.jsonl"
     write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in records))
     return jsonl
+
+
+def _question(scene, key: str, media, question: str) -> dict:
+    placeholder = "<video>" if key == "video" else "<image>"
+    conversation = [
+        {"role": "user", "content": f"{placeholder}\n{question}"},
+        {"role": "assistant", "content": scene.caption},
+    ]
+    return {"type": "understanding", key: media, "conversations": conversation}
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -91,30 +102,42 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def load_frames(record: dict, key: str = "video") -> np.ndarray:
-    import imageio.v3 as iio
-
+    """uint8 [F, H, W, 3] of a record's video (or its image as one frame), decoded once per file."""
     path = Path(record["_root"]) / record[key]
     if not path.exists():
         raise DataError(f"{path}: missing media file of a dataset record")
-    if key == "image":
-        return np.asarray(Image.open(path).convert("RGB"))[None]
-    return np.asarray(iio.imread(path, plugin="FFMPEG"))[..., :3]
+    return _decoded(str(path), key == "image")
 
 
-def understanding_example(processor, record: dict, video_frames: int) -> dict[str, torch.Tensor]:
-    """Processor tensors for one conversation; labels = the assistant's tokens, -100 elsewhere."""
-    conversation = record["conversations"]
-    prompt = [m for m in conversation if m["role"] != "assistant"]
-    images = [Image.open(Path(record["_root"]) / p).convert("RGB") for p in record.get("images", [])]
-    videos = None
-    if record.get("video"):
-        frames = load_frames(record)
-        videos = [frames[evenly_spaced(len(frames), min(video_frames, len(frames)))]]
-    full = processor(conversations=[conversation], images=images or None, videos=videos, add_generation_prompt=False)
-    prefix = processor(conversations=[prompt], images=images or None, videos=videos, add_generation_prompt=True)
-    labels = full["input_ids"].clone()
-    labels[:, : prefix["input_ids"].shape[1]] = -100
+@functools.lru_cache(maxsize=8192)  # a training run reads every clip once per epoch
+def _decoded(path: str, image: bool) -> np.ndarray:
+    import imageio.v3 as iio
+
+    frames = np.asarray(Image.open(path).convert("RGB"))[None] if image else iio.imread(path, plugin="FFMPEG")
+    frames = np.ascontiguousarray(np.asarray(frames)[..., :3])
+    frames.flags.writeable = False  # shared by every reader of the cache
+    return frames
+
+
+def understanding_batch(processor, records: list[dict], video_frames: int) -> dict[str, torch.Tensor]:
+    """Processor tensors for conversations, left padded into one batch (their images and videos in
+    order); labels = the assistant's tokens, -100 elsewhere."""
+    conversations = [r["conversations"] for r in records]
+    prompts = [[m for m in c if m["role"] != "assistant"] for c in conversations]
+    images = [Image.fromarray(load_frames({**r, "image": p}, "image")[0]) for r in records for p in r.get("images", [])]
+    videos = [_sampled(r, video_frames) for r in records if r.get("video")]
+    media = {"images": images or None, "videos": videos or None}
+    full = processor(conversations=conversations, add_generation_prompt=False, **media)
+    prefix = processor(conversations=prompts, add_generation_prompt=True, **media)
+    answer = full["attention_mask"].sum(1) - prefix["attention_mask"].sum(1)  # left padding: the last tokens
+    columns = torch.arange(full["input_ids"].shape[1])
+    labels = torch.where(columns >= full["input_ids"].shape[1] - answer[:, None], full["input_ids"], -100)
     return {**{k: v for k, v in full.items() if isinstance(v, torch.Tensor)}, "labels": labels}
+
+
+def _sampled(record: dict, count: int) -> np.ndarray:
+    frames = load_frames(record)
+    return frames[evenly_spaced(len(frames), min(count, len(frames)))]
 
 
 @torch.no_grad()

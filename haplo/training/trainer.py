@@ -3,13 +3,16 @@
 Determinism: the example order is a seeded permutation per epoch and every example's noise comes
 from a generator seeded by (seed, position), both functions of the optimiser step. A run resumed
 from checkpoint-N therefore sees exactly the data and noise the uninterrupted run saw after step N.
-Each optimiser step accumulates `batch_size` micro-batches of one example (per process).
+Each optimiser step accumulates `batch_size` examples (per process) in micro-batches of
+`micro_batch_size` padded examples of one kind (understanding or generation; stage 3 alternates).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from haplo.artifacts import STAGING_MARKER, discard_staging, swap_into_place
 from haplo.errors import HaploError
 from haplo.training import stages
 from haplo.training.config import TrainConfig
-from haplo.training.data import encode_video_latents, load_frames, read_jsonl, understanding_example
+from haplo.training.data import encode_video_latents, load_frames, read_jsonl, understanding_batch
 
 STATE_FILE = "trainer_state.json"
 
@@ -68,7 +71,7 @@ def load_priors(cfg: TrainConfig, config):
 
 
 class Examples:
-    """Dataset records -> model inputs, with VAE latents cached per record."""
+    """Dataset records -> padded model inputs for a micro-batch, with VAE latents cached per record."""
 
     def __init__(self, cfg: TrainConfig, processor, vae, config):
         self.records = read_jsonl(cfg.data)
@@ -101,20 +104,25 @@ class Examples:
             self._latents[index] = encode_video_latents(self.vae, frames, count, gen.height, gen.width)
         return self._latents[index]
 
-    def generation_batch(self, index: int) -> dict:
-        record = self.records[index]
-        encoded = self.processor.tokenizer([record["caption"]], return_tensors="pt", add_special_tokens=False)
-        batch = {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "latents": self.latents(index),
-        }
-        frame = load_frames(record, _media(record))[0]
-        batch["tile"] = torch.from_numpy(self.processor.video_frames([frame]))  # [1, 3, S, S]
+    def generation_batch(self, indices: list[int], generator: torch.Generator) -> dict:
+        """Captions (left padded; each dropped to the empty prompt with `caption_dropout`, the
+        unconditional branch of guidance), their latents [B, f, C, h, w] and, for stage 1, the
+        first-frame tiles [B, 3, S, S]."""
+        records = [self.records[i] for i in indices]
+        dropped = torch.rand(len(records), generator=generator) < self.cfg.caption_dropout
+        captions = ["" if drop else r["caption"] for r, drop in zip(records, dropped.tolist())]
+        encoded = self.processor.tokenizer(captions, padding=True, return_tensors="pt", add_special_tokens=False)
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        if ids.shape[1] == 0:  # every caption dropped: one padding column
+            ids, mask = torch.full((len(records), 1), self.config.pad_token_id), torch.zeros(len(records), 1).long()
+        batch = {"input_ids": ids, "attention_mask": mask, "latents": torch.cat([self.latents(i) for i in indices])}
+        if self.cfg.stage == 1:  # the pre-decoder's warm-up reads the first frame as a CLIP tile
+            frames = [load_frames(r, _media(r))[0] for r in records]
+            batch["tile"] = torch.from_numpy(np.stack([self.processor.video_frames([f])[0] for f in frames]))
         return batch
 
-    def understanding_batch(self, index: int) -> dict:
-        return understanding_example(self.processor, self.records[index], self.cfg.video_frames)
+    def understanding_batch(self, indices: list[int]) -> dict:
+        return understanding_batch(self.processor, [self.records[i] for i in indices], self.cfg.video_frames)
 
 
 def _media(record: dict) -> str:
@@ -148,12 +156,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         initial=state["step"],
         total=cfg.max_steps,
     )
+    state.setdefault("examples", 0)
+    state.setdefault("seconds", 0.0)
     for step in bar:
-        total = trainer.optimisation_step(step)
+        started = time.perf_counter()
+        total, seen = trainer.optimisation_step(step)
+        elapsed = time.perf_counter() - started
         state["losses"].append(total)
         state["step"] = step + 1
-        bar.set_postfix(loss=f"{total:.4f}")
-        trainer.log_loss(step + 1, total)
+        state["examples"] += seen
+        state["seconds"] += elapsed
+        bar.set_postfix(loss=f"{total:.4f}", ex_s=f"{seen / elapsed:.1f}")
+        trainer.log_loss(step + 1, total, seen / elapsed)
         if step + 1 == cfg.max_steps:
             state["probe_loss"]["after"] = trainer.probe_loss()
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps:
@@ -194,6 +208,17 @@ def _stage1_priors(cfg: TrainConfig, model, log: Callable[[str], None]) -> tuple
     return clip, cog
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or a cosine decay to 10% at `max_steps`."""
+    warmup = max(cfg.warmup_steps, 0)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(cfg.max_steps - warmup, 1))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
 class _Trainer:
     """One stage's run: the data, the prepared model and optimiser, the teachers, and the step."""
 
@@ -208,7 +233,7 @@ class _Trainer:
         config = model.config
         self.tokenizer = tokenizer_for(config, source or None)
         processor = HaploOmniProcessor(self.tokenizer, config)
-        self.vae = vae_for_checkpoint(source, config)
+        self.vae = vae_for_checkpoint(source, config, self.cfg.vae)
         self.scheduler = make_scheduler(config.video_generation)
         self.examples = Examples(cfg, processor, self.vae, config)
         self.kinds = self.examples.kinds_for(cfg.stage, cfg.step)
@@ -232,58 +257,72 @@ class _Trainer:
             betas=cfg.adam_betas,
             weight_decay=cfg.weight_decay,
         )
-        warmup = max(cfg.warmup_steps, 0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
         model.train()
         self.model, self.optimizer, self.lr_schedule = self.accelerator.prepare(model, optimizer, schedule)
         if cfg.resume_from:
             self.accelerator.load_state(str(Path(cfg.resume_from) / "state"))
         self.raw = self.accelerator.unwrap_model(self.model)
 
-    def micro_loss(self, position: int) -> torch.Tensor:
-        """The stage loss of the example (and noise) at a global position."""
-        cfg, examples = self.cfg, self.examples
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + position)
-        kind = self.kinds[position % len(self.kinds)]
+    def micro_batches(self) -> int:
+        return -(-self.cfg.batch_size // self.cfg.micro_batch_size)
+
+    def micro_loss(self, number: int) -> tuple[torch.Tensor, int]:
+        """The stage loss of global micro-batch `number` (its examples and noise fixed by it) and
+        its example count. Kinds alternate by micro-batch; each kind walks its own seeded order."""
+        cfg, examples, accelerator = self.cfg, self.examples, self.accelerator
+        kind = self.kinds[number % len(self.kinds)]
         pool = examples.understanding if kind == "understanding" else examples.generation
-        index = example_at(position // len(self.kinds), pool, cfg.seed)
+        first = (number // len(self.kinds)) * cfg.micro_batch_size
+        positions = range(first, first + cfg.micro_batch_size)
+        indices = [
+            example_at(p * accelerator.num_processes + accelerator.process_index, pool, cfg.seed) for p in positions
+        ]
+        generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + number) * 1009 + accelerator.process_index)
         if kind == "understanding":
-            return stages.next_token_loss(self.model, examples.understanding_batch(index))
-        batch = examples.generation_batch(index)
+            return stages.next_token_loss(self.model, examples.understanding_batch(indices)), len(indices)
+        batch = examples.generation_batch(indices, generator)
         if cfg.stage == 1:
             pre = stages.pre_warmup_loss(self.raw, self.clip_teacher, batch, cfg.pre_loss_weights)
             weights = cfg.post_loss_weights
-            return pre + stages.post_warmup_loss(self.raw, self.cog_teacher, self.scheduler, batch, generator, weights)
-        return stages.diffusion_loss(self.raw, self.scheduler, batch, generator)
+            post = stages.post_warmup_loss(self.raw, self.cog_teacher, self.scheduler, batch, generator, weights)
+            return pre + post, len(indices)
+        return stages.diffusion_loss(self.raw, self.scheduler, batch, generator), len(indices)
 
     def probe_loss(self) -> float:
-        """The stage loss on a fixed probe (the first batch's examples and noise), without updates."""
+        """The stage loss on a fixed probe (the first step's micro-batches and noise), without updates."""
         with torch.no_grad(), self.accelerator.autocast():
-            return sum(float(self.micro_loss(p)) for p in range(self.cfg.batch_size)) / self.cfg.batch_size
+            return sum(float(self.micro_loss(m)[0]) for m in range(self.micro_batches())) / self.micro_batches()
 
-    def optimisation_step(self, step: int) -> float:
-        """Accumulate `batch_size` micro-batches, clip, step; returns the step's loss."""
-        cfg, accelerator = self.cfg, self.accelerator
-        total = 0.0
-        for micro in range(cfg.batch_size):
-            position = (step * cfg.batch_size + micro) * accelerator.num_processes + accelerator.process_index
+    def optimisation_step(self, step: int) -> tuple[float, int]:
+        """Accumulate the step's micro-batches, clip, step; returns the step's loss and example count."""
+        cfg, accelerator, count = self.cfg, self.accelerator, self.micro_batches()
+        total, seen = 0.0, 0
+        for micro in range(count):
             with accelerator.autocast():
-                loss = self.micro_loss(position) / cfg.batch_size
+                loss, examples = self.micro_loss(step * count + micro)
+                loss = loss / count
             accelerator.backward(loss)
-            total += float(loss.detach())
+            total, seen = total + float(loss.detach()), seen + examples * accelerator.num_processes
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_([p for g in self.groups.values() for p in g], cfg.max_grad_norm)
         self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total, seen
 
-    def log_loss(self, done: int, loss: float) -> None:
+    def log_loss(self, done: int, loss: float, examples_per_s: float) -> None:
         """Every `log_every` steps, a line of losses.jsonl (main process)."""
         if self.cfg.log_every and done % self.cfg.log_every == 0 and self.accelerator.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
+            line = {
+                "step": done,
+                "loss": loss,
+                "lr": self.lr_schedule.get_last_lr()[0],
+                "examples_per_s": examples_per_s,
+            }
             with open(self.output / "losses.jsonl", "a") as f:
-                f.write(json.dumps({"step": done, "loss": loss, "lr": self.lr_schedule.get_last_lr()[0]}) + "\n")
+                f.write(json.dumps(line) + "\n")
 
     def save(self, state: dict, done: int) -> Path:
         path = self.output / f"checkpoint-{done}"

@@ -19,12 +19,19 @@ import numpy as np
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle")
+BACKGROUND = (236, 236, 232)  # the plain background of every clip
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 QUESTIONS = (
     "What moves in the video, and in which direction?",
     "Which colour is the shape that moves?",
     "Which shape moves in the video?",
     "In which direction does the shape move?",
+)
+IMAGE_QUESTIONS = (  # a still shows the motion as a fading trail behind the shape
+    "What moves in the image, and in which direction?",
+    "Which colour is the moving shape?",
+    "Which shape is moving in the image?",
+    "Which way is the shape going?",
 )
 SPLITS = ("train", "validation", "test")
 SPLIT_STRIDE = 1_000_003  # clip seeds of (seed s, split k): (3 s + k) * SPLIT_STRIDE + i, disjoint for i < SPLIT_STRIDE
@@ -41,7 +48,7 @@ class Scene:
     colour: str
     shape: str
     direction: str
-    seed: int  # position jitter and background of the clip
+    seed: int  # where the path lies (a shift along and across the motion)
 
     @property
     def caption(self) -> str:
@@ -50,6 +57,10 @@ class Scene:
     def video(self, frames: int, height: int, width: int) -> np.ndarray:
         """[frames, H, W, 3] uint8."""
         return moving_shape_video(self.shape, self.colour, self.direction, frames, height, width, self.seed)
+
+    def still(self, height: int, width: int, frames: int = 9) -> np.ndarray:
+        """[H, W, 3] uint8: the clip's last frame over a fading trail of its earlier positions."""
+        return motion_still(self.video(frames, height, width))
 
 
 def scenes(split: str, count: int, seed: int = 0) -> list[Scene]:
@@ -97,19 +108,31 @@ def _draw(frame: np.ndarray, shape: str, colour, cx: float, cy: float, radius: i
 def moving_shape_video(
     shape: str, colour: str, direction: str, frames: int, height: int, width: int, seed: int = 0
 ) -> np.ndarray:
-    """[frames, H, W, 3] uint8: one shape crossing a plain background in one direction."""
+    """[frames, H, W, 3] uint8: one shape crossing the plain background in one direction, its path
+    shifted by the seed (up to 1/16 of the frame along the motion, 1/8 across it)."""
     rng = np.random.default_rng(seed)
     radius = max(3, min(height, width) // 8)
     dx, dy = DIRECTIONS[direction]
     travel = (min(height, width) - 4 * radius) / max(frames - 1, 1)
-    cx = width / 2 - dx * travel * (frames - 1) / 2 + rng.uniform(-2, 2)
-    cy = height / 2 - dy * travel * (frames - 1) / 2 + rng.uniform(-2, 2)
-    background = rng.integers(200, 256, 3)
+    along, across = rng.uniform(-1, 1, 2) * min(height, width) / np.array([16, 8])
+    cx = width / 2 - dx * travel * (frames - 1) / 2 + (dx * along if dx else across)
+    cy = height / 2 - dy * travel * (frames - 1) / 2 + (dy * along if dy else across)
     video = np.empty((frames, height, width, 3), dtype=np.uint8)
     for f in range(frames):
-        video[f] = background
+        video[f] = BACKGROUND
         _draw(video[f], shape, COLOURS[colour], cx + dx * travel * f, cy + dy * travel * f, radius)
     return video
+
+
+def motion_still(video: np.ndarray, trail: float = 0.6) -> np.ndarray:
+    """One image of a clip's motion: each frame blended over the last (`trail` of the old image kept
+    where the shape was), so earlier positions fade and the newest is solid."""
+    background = np.array(BACKGROUND, dtype=np.float32)
+    image = video[0].astype(np.float32)
+    for frame in video[1:].astype(np.float32):
+        shape = np.any(frame != background, axis=-1, keepdims=True)
+        image = np.where(shape, frame, background + trail * (image - background))
+    return image.round().astype(np.uint8)
 
 
 # -- the motion detector -------------------------------------------------------------------------------
