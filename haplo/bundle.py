@@ -183,6 +183,13 @@ class Bundle:
                     f"{self.root}: {rel} fails its sha256 checksum (modified or corrupt); rebuild the bundle"
                 )
 
+    def resign(self, *rels: str) -> None:
+        """Record new checksums of files this tool rewrote in place (an engine rebuilt for this GPU)
+        and rewrite the manifest atomically; no other file's checksum changes."""
+        for rel in rels:
+            self.manifest.files[rel] = sha256_file(self.root / rel)
+        write_atomic(self.root / MANIFEST, json.dumps(self.manifest.to_dict(), indent=2) + "\n")
+
     @property
     def config(self) -> HaploOmniConfig:
         return self.manifest.config

@@ -43,6 +43,109 @@ def test_prepared_nodes_bind_to_the_registered_plugins(tiny_model, tmp_path, trt
         assert set(attrs) == set(plugin.input_attrs)
 
 
+def test_an_engines_source_hash_covers_the_external_weights(tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from haplo.engines.tensorrt.builder import graph_source_sha256
+
+    weight = numpy_helper.from_array(np.arange(64, dtype=np.float32).reshape(8, 8), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [weight])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    before = graph_source_sha256(path)
+    assert graph_source_sha256(path) == before
+    data = bytearray((tmp_path / "g.onnx.data").read_bytes())
+    data[4] ^= 0xFF  # new weights, same shapes: the .onnx file itself is unchanged
+    (tmp_path / "g.onnx.data").write_bytes(bytes(data))
+    assert graph_source_sha256(path) != before
+
+
+def test_a_plugin_node_the_parser_inlined_fails_the_build():
+    from types import SimpleNamespace
+
+    from haplo.engines.tensorrt.builder import check_plugins_bound
+
+    trt = SimpleNamespace(LayerType=SimpleNamespace(PLUGIN_V3="plugin", MATRIX_MULTIPLY="matmul"))
+    layers = [SimpleNamespace(type=t) for t in ("matmul", "plugin", "matmul", "plugin")]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+    check_plugins_bound(trt, network, 2, "base_decoder")
+    with pytest.raises(trt_engines.EngineError, match="3 nodes name a haplo plugin but the parsed network has 2"):
+        check_plugins_bound(trt, network, 3, "base_decoder")
+
+
+def test_the_engine_stream_waits_for_the_stream_that_wrote_its_inputs(monkeypatch):
+    import contextlib
+
+    from haplo.engines.tensorrt.runner import EngineRunner
+
+    events = []
+
+    class Stream:
+        cuda_stream = 7
+
+        def wait_stream(self, other):
+            events.append(("wait", other))
+
+        def synchronize(self):
+            events.append("sync")
+
+    class Context:
+        def set_input_shape(self, *args):
+            pass
+
+        def set_tensor_address(self, *args):
+            pass
+
+        def execute_async_v3(self, stream):
+            events.append("enqueue")
+            return True
+
+    runner = object.__new__(EngineRunner)
+    runner.stream, runner.context, runner.inputs, runner.outputs = Stream(), Context(), ["x"], []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "producer")
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    runner._run_eager({"x": torch.zeros(1)}, slot=0)
+    assert events == [("wait", "producer"), "enqueue", "sync"]
+
+
+def test_a_rebuilt_engine_is_resigned_so_the_bundle_still_opens(cli_bundle, tmp_path, monkeypatch):
+    import shutil
+    from dataclasses import asdict
+
+    from haplo.engines.tensorrt import backend as trt_backend
+    from haplo.engines.tensorrt.builder import EngineMetadata
+
+    root = tmp_path / "bundle"
+    shutil.copytree(cli_bundle, root)
+    old = EngineMetadata("lm_head", "0" * 64, "fp32", "11.0.0", "old GPU", "8.0", refittable=False)
+    (root / "engines").mkdir()
+    (root / "engines" / "lm_head.plan").write_bytes(b"an engine for another GPU")
+    (root / "engines" / "lm_head.json").write_text(json.dumps(asdict(old)))
+    manifest = Bundle.open(root).manifest
+    manifest.engines["lm_head"] = {"file": "engines/lm_head.plan", "metadata": "engines/lm_head.json", "plugins": []}
+    manifest.write(root)
+
+    def rebuild(graph, source, plan, profiles, precision, options):
+        new = EngineMetadata(graph, "1" * 64, precision, "11.4.0", "H200", "9.0")
+        plan.write_bytes(b"the engine for this GPU")
+        plan.with_suffix(".json").write_text(json.dumps(asdict(new)))
+        return new
+
+    monkeypatch.setattr(trt_backend, "build_engine", rebuild)
+    monkeypatch.setattr(
+        EngineMetadata, "mismatch", lambda self, sha: None if self.source_sha256 == "1" * 64 else "stale"
+    )
+    backend = object.__new__(trt_backend.TensorRTBackend)
+    backend.bundle, backend.rebuild = Bundle.open(root), True
+    backend._check_engine("lm_head", root / "engines" / "lm_head.plan", backend.bundle.graph_path("lm_head"))
+    reopened = Bundle.open(root)  # checksums verified: the rebuilt plan and sidecar were re-signed
+    assert reopened.manifest.engines["lm_head"]["compute_capability"] == "9.0"
+    assert (root / "engines" / "lm_head.plan").read_bytes() == b"the engine for this GPU"
+
+
 def test_profiles_cover_prefill_and_decode():
     inputs = [
         TensorSpec("hidden_states", "float32", ["batch", "sequence", 64]),
@@ -158,13 +261,14 @@ def test_engine_is_rebuilt_when_its_graph_changed(trt_bundle):
     plan = Bundle.open(out).path(manifest.engines["lm_head"]["file"])
     sidecar = plan.with_suffix(trt_engines.METADATA_SUFFIX)
     meta = json.loads(sidecar.read_text())
-    sidecar.write_text(json.dumps({**meta, "source_sha256": "0" * 64}))
-    backend = trt_engines.TensorRTBackend(Bundle.open(out))
+    sidecar.write_text(json.dumps({**meta, "source_sha256": "0" * 64}))  # stale (and off its checksum)
+    backend = trt_engines.TensorRTBackend(Bundle.open(out, verify=False))
     backend.runner("lm_head")
     assert json.loads(sidecar.read_text())["source_sha256"] == meta["source_sha256"]
+    Bundle.open(out)  # the rebuild re-signed the plan and the sidecar
     with pytest.raises(trt_engines.EngineError, match="rebuild"):
         sidecar.write_text(json.dumps({**meta, "source_sha256": "0" * 64}))
-        trt_engines.TensorRTBackend(Bundle.open(out), rebuild=False).runner("lm_head")
+        trt_engines.TensorRTBackend(Bundle.open(out, verify=False), rebuild=False).runner("lm_head")
 
 
 @pytest.mark.gpu

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-from haplo.artifacts import sha256_file
 from haplo.bundle import STAGE_GRAPHS, Bundle, BundleError
 from haplo.engines.graph_backend import GraphBackend
-from haplo.engines.tensorrt.builder import EngineOptions, build_engine, load_metadata
+from haplo.engines.tensorrt.builder import EngineOptions, build_engine, graph_source_sha256, load_metadata
 from haplo.engines.tensorrt.runner import EngineRunner
 from haplo.engines.tensorrt.status import EngineError, require_tensorrt
 from haplo.model.ops import MASKED_START
@@ -44,7 +43,7 @@ class TensorRTBackend(GraphBackend):
     def _check_engine(self, graph: str, plan: Path, source: Path) -> None:
         """Rebuild a stale engine from its sidecar's profiles, or say why it cannot run (rebuild=False)."""
         meta = load_metadata(plan)
-        reason = meta.mismatch(sha256_file(source))
+        reason = meta.mismatch(graph_source_sha256(source))
         if reason is None:
             return
         if not self.rebuild:
@@ -52,7 +51,16 @@ class TensorRTBackend(GraphBackend):
         profiles = {
             p: {n: tuple(tuple(s) for s in v) for n, v in shapes.items()} for p, shapes in meta.profiles.items()
         }
-        build_engine(graph, source, plan, profiles, meta.precision, EngineOptions(refit=meta.refittable))
+        new = build_engine(graph, source, plan, profiles, meta.precision, EngineOptions(refit=meta.refittable))
+        self._resign(graph, new)
+
+    def _resign(self, graph: str, meta) -> None:
+        """The rebuilt plan and sidecar get their new checksums (and the engine entry its new
+        TensorRT version and SM), so the bundle still opens after the rebuild."""
+        entry = self.bundle.manifest.engines[graph]
+        entry.update(tensorrt_version=meta.tensorrt_version, compute_capability=meta.compute_capability)
+        entry["plugins"] = meta.plugins
+        self.bundle.resign(entry["file"], entry["metadata"])
 
     def runner(self, graph: str) -> EngineRunner:
         if graph not in self.runners:

@@ -6,6 +6,7 @@ built from and for, so the runtime can tell a stale engine from a usable one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch
 
 from haplo.artifacts import sha256_file, write_atomic
 from haplo.bundle import Manifest
-from haplo.engines.tensorrt.prepare import prepare_onnx_for_tensorrt
+from haplo.engines.tensorrt.prepare import plugin_node_count, prepare_onnx_for_tensorrt
 from haplo.engines.tensorrt.profiles import ShapeRanges, graph_profiles
 from haplo.engines.tensorrt.status import EngineError, require_tensorrt
 
@@ -61,6 +62,30 @@ class EngineOptions:
     refit: bool = False
 
 
+def graph_source_sha256(onnx_path: Path) -> str:
+    """sha256 over a graph file and every external-data file it names (in name order), so new weights
+    of the same shapes make a new source: an engine is never reused over weights it was not built from."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    digest = hashlib.sha256(sha256_file(onnx_path).encode())
+    for location in locations:
+        digest.update(f"\n{location}:{sha256_file(onnx_path.parent / location)}".encode())
+    return digest.hexdigest()
+
+
+def check_plugins_bound(trt, network, expected: int, graph: str) -> None:
+    """Every plugin node became a plugin layer. When a plugin fails to bind the parser silently inlines
+    the node's ONNX function instead (a dense mask and full score matrix per attention), so a missing
+    plugin layer fails the build."""
+    found = sum(1 for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.PLUGIN_V3)
+    if found < expected:
+        raise EngineError(
+            f"{graph}: {expected} nodes name a haplo plugin but the parsed network has {found} plugin "
+            "layers (the rest were inlined as standard ops); check that the plugins are registered "
+            "(`haplo.engines.plugins.tensorrt_plugins.register_plugins`) for this TensorRT version"
+        )
+
+
 def _parse_network(trt, logger, graph: str, onnx_path: Path) -> tuple:
     """Parse the graph with its plugins swapped in. Returns (builder, network, parser, plugin ids).
 
@@ -82,6 +107,7 @@ def _parse_network(trt, logger, graph: str, onnx_path: Path) -> tuple:
             raise EngineError(f"{graph}: TensorRT cannot parse {onnx_path.name}: {errors}")
     finally:
         prepared.unlink(missing_ok=True)
+    check_plugins_bound(trt, network, plugin_node_count(model), graph)
     return builder, network, parser, plugins
 
 
@@ -116,7 +142,7 @@ def _engine_metadata(
     """The sidecar of an engine just built from `onnx_path` on this GPU."""
     return EngineMetadata(
         graph=graph,
-        source_sha256=sha256_file(onnx_path),
+        source_sha256=graph_source_sha256(onnx_path),
         precision=precision,
         tensorrt_version=trt.__version__,
         device_name=torch.cuda.get_device_name(),

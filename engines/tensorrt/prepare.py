@@ -31,6 +31,15 @@ def _bind_plugin(node: onnx.NodeProto, plugin: str) -> None:
     )
 
 
+def plugin_node_count(model: onnx.ModelProto) -> int:
+    """How many nodes of the graph name a plugin (after `prepare_onnx_for_tensorrt`)."""
+    return sum(
+        1
+        for n in model.graph.node
+        if any(a.name == "plugin_namespace" for a in n.attribute) and n.domain == PLUGIN_NAMESPACE
+    )
+
+
 def prepare_onnx_for_tensorrt(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """Point every `haplo`-domain node at its plugin. Returns (model, plugin ids used).
 

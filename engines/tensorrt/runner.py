@@ -83,6 +83,9 @@ class EngineRunner:
         return outputs
 
     def _run_eager(self, feeds: dict, slot: int) -> dict:
+        # The feeds (casts, the zeroed dead KV slot, kept prefix caches) were written on the caller's
+        # stream: the engine's stream must not read them before that work is done.
+        self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             out = self._enqueue(feeds, slot)
         self.stream.synchronize()
