@@ -44,6 +44,19 @@ def validate(doc: dict) -> None:
                     raise SchemaError(f"{entry['key']}: generation misses {key!r}")
         elif "reason" not in entry:
             raise SchemaError(f"{entry['key']}: status {entry['status']!r} without a reason")
+    if "peer" in doc:
+        _validate_peer(doc["peer"])
+
+
+def _validate_peer(peer: dict) -> None:
+    for key in ("name", "version", "model", "our_decode_weight_bytes", "results", "ratio_ours_to_peer"):
+        if key not in peer:
+            raise SchemaError(f"peer misses {key!r}")
+    for result in peer["results"]:
+        needed = ("ttft_ms", "tpot_ms", "tokens_per_s") if result.get("status") == "ok" else ("reason",)
+        for key in ("precision", "status", *needed):
+            if key not in result:
+                raise SchemaError(f"peer {result.get('precision')}: missing {key!r}")
 
 
 def write_json(doc: dict, path: Path) -> Path:
@@ -122,7 +135,32 @@ def table(doc: dict) -> str:
         "x = speed-up over torch eager (time of torch / time of the backend); roofline = weight-bandwidth bound "
         "/ achieved decode step",
     ]
+    if "peer" in doc:
+        lines += ["", *peer_lines(doc["peer"])]
     return "\n".join(lines)
+
+
+def peer_lines(peer: dict) -> list[str]:
+    """The peer's model, its times, and ours over its (above 1: ours is slower)."""
+    m = peer["model"]
+    lines = [
+        f"peer {peer['name']} {peer['version']}: {m['architecture']} of {m['num_hidden_layers']} layers (hidden "
+        f"{m['hidden_size']}, {m['num_attention_heads']}/{m['num_key_value_heads']} heads, MLP "
+        f"{m['intermediate_size']}, vocab {m['vocab_size']}), decode-step weights "
+        f"{m['decode_weight_bytes'] / 1e6:.1f} MB "
+        f"(ours {peer['our_decode_weight_bytes'] / 1e6:.1f} MB)"
+    ]
+    for result in peer["results"]:
+        if result["status"] != "ok":
+            lines.append(f"  {result['precision']}: {result['status']}: {result['reason']}")
+            continue
+        lines.append(
+            f"  {result['precision']}: TTFT p50 {_fmt(result['ttft_ms']['p50'])} ms, TPOT p50 "
+            f"{_fmt(result['tpot_ms']['p50'])} ms, {_fmt(result['tokens_per_s'], 1)} tok/s"
+        )
+    for key, ratio in peer["ratio_ours_to_peer"].items():
+        lines.append(f"  {key} / peer {ratio['peer_precision']}: TTFT {ratio['ttft']:.2f}x, TPOT {ratio['tpot']:.2f}x")
+    return lines
 
 
 def plots(doc: dict, out_dir: Path) -> list[Path]:

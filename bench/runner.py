@@ -49,6 +49,7 @@ class BenchOptions:
     )
     out: Path = Path("bench/results/latest")
     work_dir: Path = Path(".cache/haplo-bench")
+    peer: str | None = None  # "onnxruntime-genai": time the peer of the language half too
 
 
 def check_output(out: Path) -> None:
@@ -135,7 +136,43 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
     run = _prepare(options, log)
     entries = [_run_variant(run, kind, precision) for kind, precision in pairs]
     _add_ratios(entries)
-    return _document(run, entries)
+    doc = _document(run, entries)
+    if options.peer:
+        doc["peer"] = _peer(run, entries)
+    return doc
+
+
+def _peer(run: _Run, entries: list[dict]) -> dict:
+    """ONNX Runtime GenAI on a Qwen2 of our decode-step bytes, fp32 (+ int8 weight-only when int8 is
+    asked for), same threads, prompt length and new tokens; and our times over its."""
+    from haplo.bench import peer
+
+    version = peer.require()
+    ours = torch_decode_weight_bytes(run.model)
+    spec = peer.peer_spec(run.config, ours)
+    results = {p: _peer_result(run, spec, p) for p in peer.PRECISIONS if p == "fp32" or p in run.options.precisions}
+    return {
+        "name": peer.NAME,
+        "version": version,
+        "model": {"architecture": "Qwen2", **asdict(spec), "decode_weight_bytes": spec.decode_weight_bytes},
+        "our_decode_weight_bytes": ours,
+        "results": list(results.values()),
+        "ratio_ours_to_peer": peer.compare(entries, results),
+    }
+
+
+def _peer_result(run: _Run, spec, precision: str) -> dict:
+    from haplo.bench import peer
+
+    options, prompt = run.options, int(run.und_inputs["input_ids"].shape[1])
+    try:
+        path, build_s = peer.build(spec, precision, options.work_dir, run.threads, options.seed, run.log)
+        run.log(f"peer {precision}: {options.repeats} x {options.new_tokens} tokens")
+        measured = peer.measure(path, prompt, options.new_tokens, options.warmup, options.repeats, options.seed)
+    except peer.PeerError as err:
+        run.log(f"peer {precision}: error ({err})")
+        return {"precision": precision, "status": "error", "reason": str(err)}
+    return {"precision": precision, "status": "ok", "build_s": build_s, **measured}
 
 
 def _prepare(options: BenchOptions, log: Callable[[str], None]) -> _Run:

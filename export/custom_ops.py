@@ -185,27 +185,28 @@ def MultimodalAdaLN(x, weight, bias, indicator_weight, indicator_bias, ssg_l, ss
 @onnxscript.script(haplo_opset, default_opset=op)
 def HybridAttention(query, key, value, key_start, scale: float):
     # key j is visible to query row r iff key_start[j] <= Lk - Lq + r; rows that see nothing -> 0.
+    # GQA without copying K/V: kv head h // groups serves query head h, so the query heads of one kv
+    # head are stacked as rows, [B, Hq, Lq, D] -> [B, Hkv, groups * Lq, D], and share its keys.
+    b = op.Shape(query, start=0, end=1)
+    q_heads = op.Shape(query, start=1, end=2)
     q_len = op.Shape(query, start=2, end=3)
+    d = op.Shape(query, start=3, end=4)
+    kv_heads = op.Shape(key, start=1, end=2)
     k_len = op.Shape(key, start=2, end=3)
+    groups = op.Div(q_heads, kv_heads)
     one = op.Constant(value_ints=[1])
     q_pos = op.Range(op.Squeeze(k_len - q_len), op.Squeeze(k_len), op.Squeeze(one))  # [Lq]
     starts = op.Unsqueeze(op.Cast(key_start, to=7), op.Constant(value_ints=[1, 2]))  # [B, 1, 1, Lk]
     allowed = op.LessOrEqual(starts, op.Unsqueeze(q_pos, op.Constant(value_ints=[1])))  # [B, 1, Lq, Lk]
-    # GQA: kv head h // groups serves query head h
-    q_heads = op.Shape(query, start=1, end=2)
-    kv_heads = op.Shape(key, start=1, end=2)
-    groups = op.Div(q_heads, kv_heads)
-    b = op.Shape(key, start=0, end=1)
-    d = op.Shape(key, start=3, end=4)
-    expand_to = op.Concat(b, kv_heads, groups, k_len, d, axis=0)
-    merged = op.Concat(b, q_heads, k_len, d, axis=0)
-    key = op.Reshape(op.Expand(op.Unsqueeze(key, op.Constant(value_ints=[2])), expand_to), merged)
-    value = op.Reshape(op.Expand(op.Unsqueeze(value, op.Constant(value_ints=[2])), expand_to), merged)
-    scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])) * op.CastLike(op.Constant(value_float=scale), query)
+    rows = op.Tile(allowed, op.Concat(one, one, groups, one, axis=0))  # [B, 1, groups * Lq, Lk]
+    stacked = op.Reshape(query, op.Concat(b, kv_heads, groups * q_len, d, axis=0))
+    scores = op.MatMul(stacked, op.Transpose(key, perm=[0, 1, 3, 2])) * op.CastLike(
+        op.Constant(value_float=scale), query
+    )
     neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), scores)
-    probs = op.Softmax(op.Where(allowed, scores, neg_inf), axis=-1)
-    out = op.MatMul(probs, value)
-    any_visible = op.ReduceMax(op.Cast(allowed, to=1), op.Constant(value_ints=[-1]), keepdims=1)
+    probs = op.Softmax(op.Where(rows, scores, neg_inf), axis=-1)
+    out = op.Reshape(op.MatMul(probs, value), op.Concat(b, q_heads, q_len, d, axis=0))  # [B, Hq, Lq, D]
+    any_visible = op.ReduceMax(op.Cast(allowed, to=1), op.Constant(value_ints=[-1]), keepdims=1)  # [B, 1, Lq, 1]
     zero = op.CastLike(op.Constant(value_float=0.0), out)
     return op.Where(op.Cast(any_visible, to=9), out, zero)
 

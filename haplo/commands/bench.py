@@ -29,6 +29,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="comma list for onnxruntime/tensorrt: fp32, fp16, bf16, int8, fp8 (default: %(default)s)",
     )
     parser.add_argument("--threads", type=POSITIVE, help="intra-op threads for torch and ONNX Runtime (default: cores)")
+    parser.add_argument(
+        "--peer",
+        choices=["onnxruntime-genai"],
+        help="also build and time the peer for the language half (a Qwen2 of equal decode-step weight "
+        "bytes with ONNX Runtime GenAI's builder, fp32 and, with int8 asked for, int8 weight-only) and "
+        "report our TTFT/TPOT over its; needs the 'peer' extra",
+    )
     _add_workload_args(parser)
     _add_output_args(parser)
     parser.set_defaults(handler=run)
@@ -105,6 +112,7 @@ def _options(args: argparse.Namespace):
         videos=_video_list(args.videos),
         out=args.out,
         work_dir=args.work_dir,
+        peer=args.peer,
     )
 
 
@@ -113,7 +121,12 @@ def run(args: argparse.Namespace) -> dict:
     from haplo.bench.runner import check_output, run_benchmark, write_outputs
 
     check_output(args.out)
-    doc = run_benchmark(_options(args))
+    options = _options(args)
+    if options.peer:
+        from haplo.bench.peer import require
+
+        require()  # before any work: the extra may not be installed
+    doc = run_benchmark(options)
     paths = write_outputs(doc, args.out)
     if args.json:
         print(json.dumps(doc, indent=2))
