@@ -38,6 +38,7 @@ from haplo.training.world import (
     Scene,
     detect_motion,
     parse_caption,
+    question_for,
     scenes,
 )
 from haplo.video import evenly_spaced, to_uint8_frames
@@ -158,8 +159,8 @@ def answer(backend, processor, scene: Scene, question: str, options: EvalOptions
 
 def understanding(backend, processor, clips: list[Scene], options: EvalOptions, progress: bool, label: str) -> dict:
     rows = []
-    for i, scene in enumerate(tqdm(clips, desc=f"{label} understanding", disable=not progress, leave=False)):
-        question = QUESTIONS[i % len(QUESTIONS)]
+    for scene in tqdm(clips, desc=f"{label} understanding", disable=not progress, leave=False):
+        question = question_for(scene, QUESTIONS)
         text = answer(backend, processor, scene, question, options)
         rows.append({"scene": asdict(scene), "question": question, "answer": text, **score_answer(scene, text)})
     return {**summarise(rows, ATTRIBUTES, "all_correct"), "answers": rows}

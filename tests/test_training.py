@@ -202,6 +202,19 @@ def test_micro_batches_see_the_examples_of_the_seeded_order(data, tmp_path):
     assert len(lines) == 2 and all("examples_per_s" in line for line in lines)
 
 
+def test_understanding_ratio_interleaves_kinds_and_keeps_each_order_contiguous():
+    from haplo.training.trainer import kind_and_rank
+
+    pattern = ["understanding", "understanding", "generation"]
+    got = [kind_and_rank(n, pattern) for n in range(9)]
+    assert [k[0] for k in got[:3]] == pattern and got[3] == ("understanding", 2) and got[5] == ("generation", 1)
+    for kind in ("understanding", "generation"):
+        assert [rank for k, rank in got if k == kind] == list(range(sum(k == kind for k, _ in got)))
+    assert [kind_and_rank(n, ["understanding", "generation"])[1] for n in range(4)] == [0, 0, 1, 1]  # ratio 1
+    with pytest.raises(TrainConfigError, match="understanding_ratio"):
+        TrainConfig(stage=3, understanding_ratio=0)
+
+
 def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
     from haplo.training.trainer import lr_factor
 
@@ -256,6 +269,7 @@ def test_recipe_first_steps_give_a_model_that_loads_and_evaluates(tmp_path):
         ("preset: tiny\nstages: [{stage: 2}]\n", "stage 2 needs --step"),
         ("preset: tiny\nstages: [{stage: 3}]\nvae: {steps: 0}\n", "steps and batch_size must be >= 1"),
         ("[unclosed\n", "not valid YAML"),
+        ("preset: tiny\nstages: [{stage: 3}]\ndata: {media: disk}\n", "data.media must be files or world, got 'disk'"),
     ],
 )
 def test_recipe_errors_are_named_before_any_work(tmp_path, text, message):

@@ -11,6 +11,8 @@ from haplo.training.world import (
     BACKGROUND,
     COLOURS,
     DIRECTIONS,
+    IMAGE_QUESTIONS,
+    QUESTIONS,
     SHAPES,
     Scene,
     caption,
@@ -93,10 +95,48 @@ def test_synthetic_dataset_is_the_task(tmp_path):
     for key, placeholder in (("video", "<video>"), ("images", "<image>")):
         asked = [r for r in records if r["type"] == "understanding" and key in r]
         assert [r["conversations"][1]["content"] for r in asked] == [s.caption for s in held_out]
-        questions = {r["conversations"][0]["content"] for r in asked}
-        assert len(questions) == 4 and all(q.startswith(placeholder + "\n") for q in questions)  # every form
+        forms = QUESTIONS if key == "video" else IMAGE_QUESTIONS
+        assert all(r["conversations"][0]["content"] in {f"{placeholder}\n{q}" for q in forms} for r in asked)
     assert [r["caption"] for r in records if r["type"] == "generation"] == [s.caption for s in held_out]
     assert all((tmp_path / "val" / r["images"][0]).is_file() for r in records if "images" in r)
+
+
+def test_the_question_form_says_nothing_about_the_class():
+    from haplo.training.world import question_for
+
+    forms: dict[tuple, set] = {}
+    for scene in scenes("train", 48 * 8):  # each class 8 times
+        forms.setdefault((scene.colour, scene.shape, scene.direction), set()).add(question_for(scene, QUESTIONS))
+    assert len(forms) == 48 and sum(len(f) >= 3 for f in forms.values()) >= 40  # a class is asked every way
+    scene = scenes("test", 1)[0]
+    assert question_for(scene, QUESTIONS) == question_for(scene, QUESTIONS)  # a function of the clip
+
+
+def test_a_world_dataset_refers_to_scenes_rendered_when_read(tmp_path):
+    from haplo.training.data import load_frames, make_synthetic_dataset, read_jsonl
+
+    jsonl = make_synthetic_dataset(tmp_path / "w", 6, 9, 32, 32, split="validation", media="world", generation=2)
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["data.jsonl"]  # nothing else on disk
+    records = read_jsonl(jsonl)
+    held_out = scenes("validation", 6)
+    videos = [r for r in records if r["type"] == "understanding" and "video" in r]
+    assert [r["conversations"][1]["content"] for r in videos] == [s.caption for s in held_out]
+    assert np.array_equal(load_frames(videos[3]), held_out[3].video(9, 32, 32))
+    stills = [r for r in records if "images" in r]
+    still = load_frames({**stills[1], "image": stills[1]["images"][0]}, "image")[0]
+    assert np.array_equal(still, held_out[1].still(32, 32))
+    assert [r["caption"] for r in records if r["type"] == "generation"] == [s.caption for s in held_out[:2]]
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["world:video/red/star/up/1/9x32x32", "world:photo/red/circle/up/1/9x32x32", "world:video/red/circle/up/1/9x8x8"],
+)
+def test_a_bad_scene_reference_is_named(ref):
+    from haplo.training.data import DataError, load_frames
+
+    with pytest.raises(DataError, match="world:"):
+        load_frames({"_root": ".", "video": ref})
 
 
 @pytest.mark.parametrize("direction", list(DIRECTIONS))

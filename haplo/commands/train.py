@@ -38,6 +38,13 @@ def synthetic_parser() -> argparse.ArgumentParser:
         choices=["train", "validation", "test"],
         help="which split of the synthetic world; the splits never share a clip (default: %(default)s)",
     )
+    parser.add_argument(
+        "--media",
+        default="files",
+        choices=["files", "world"],
+        help="files: write each clip (mp4) and still (png); world: refer to the scenes, rendered when "
+        "read, for datasets of many thousand clips (default: %(default)s)",
+    )
     return parser
 
 
@@ -118,7 +125,9 @@ def train_parser() -> argparse.ArgumentParser:
 def _synthetic(args: argparse.Namespace) -> int:
     from haplo.training.data import make_synthetic_dataset
 
-    path = make_synthetic_dataset(args.out, args.count, args.frames, args.height, args.width, args.seed, args.split)
+    path = make_synthetic_dataset(
+        args.out, args.count, args.frames, args.height, args.width, args.seed, args.split, args.media
+    )
     print(f"wrote {path} ({args.count} {args.split} videos and stills, {3 * args.count} records)")
     return 0
 

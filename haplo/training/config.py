@@ -49,6 +49,7 @@ class TrainConfig:
     batch_size: int | None = None
     micro_batch_size: int = 8  # padded examples per forward pass (capped at batch_size)
     caption_dropout: float = 0.1  # generation captions replaced by the empty prompt (guidance's negative)
+    understanding_ratio: int = 1  # stage 3: understanding micro-batches per generation micro-batch
     warmup_steps: int | None = None
     lr_schedule: str = "constant"  # after warm-up: constant | cosine (to 10% at max_steps)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -77,6 +78,8 @@ class TrainConfig:
                 setattr(self, key, value)
         if self.lr_schedule not in ("constant", "cosine"):
             raise TrainConfigError(f"lr_schedule {self.lr_schedule!r}: choose constant or cosine")
+        if self.understanding_ratio < 1:
+            raise TrainConfigError(f"understanding_ratio must be >= 1, got {self.understanding_ratio}")
         if self.micro_batch_size < 1 or not 0 <= self.caption_dropout < 1:
             raise TrainConfigError("micro_batch_size must be >= 1 and caption_dropout in [0, 1)")
         self.micro_batch_size = min(self.micro_batch_size, self.batch_size)
@@ -85,17 +88,8 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
-        path = Path(path)
-        if not path.exists():
-            raise TrainConfigError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise TrainConfigError(f"{path}: not valid YAML ({err})") from None
-        known = {f.name for f in fields(cls)} - {"extra"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(f"{path}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        data = read_yaml(path, TrainConfigError, "config file")
+        check_keys(path, data, {f.name for f in fields(cls)} - {"extra"}, TrainConfigError)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
@@ -103,3 +97,22 @@ class TrainConfig:
         out = asdict(self)
         out.pop("extra")
         return out
+
+
+def read_yaml(path: str | Path, error: type[Exception], what: str) -> dict:
+    """A YAML mapping from a file, or `error` naming the missing file or the parse problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such {what}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML ({err})") from None
+
+
+def check_keys(path: str | Path, data: dict, known: set[str], error: type[Exception], prefix: str = "") -> None:
+    """`error` naming every key of `data` that is not in `known`."""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise error(f"{path}: unknown keys {names}; known: {', '.join(sorted(known))}")

@@ -8,7 +8,9 @@ One record per line:
     {"type": "generation", "video": "clips/0001.mp4", "caption": "A red square moves to the left."}
     {"type": "generation", "image": "stills/0002.png", "caption": "..."}   # a one-frame video
 
-Paths are relative to the JSONL file. Understanding records go through the processor (the answer
+Paths are relative to the JSONL file; a media value `world:video/...` or `world:still/...` (a
+`Scene.ref`) is a clip of the synthetic world, rendered when read, so a dataset of many thousand
+clips is one small file. Understanding records go through the processor (the answer
 tokens are the labels); generation records through the VAE encoder (video -> latents), once, cached.
 """
 
@@ -24,7 +26,7 @@ from PIL import Image
 
 from haplo.artifacts import atomic_path, check_output_dir, write_atomic
 from haplo.errors import HaploError
-from haplo.training.world import IMAGE_QUESTIONS, QUESTIONS, motion_still, scenes
+from haplo.training.world import IMAGE_QUESTIONS, QUESTIONS, is_ref, motion_still, question_for, render_ref, scenes
 from haplo.video import evenly_spaced, write_video
 
 
@@ -42,30 +44,56 @@ def _is_synthetic_dataset(root: Path) -> bool:
     )
 
 
+MEDIA = ("files", "world")
+
+
 def make_synthetic_dataset(
-    out: str | Path, count: int, frames: int, height: int, width: int, seed: int = 0, split: str = "train"
+    out: str | Path,
+    count: int,
+    frames: int,
+    height: int,
+    width: int,
+    seed: int = 0,
+    split: str = "train",
+    media: str = "files",
+    generation: int | None = None,
 ) -> Path:
-    """Write `count` clips (mp4) of a split of the synthetic world, a still of each (png, its motion
-    as a fading trail) and a data.jsonl with, per clip, an understanding record for the video and one
-    for the still (the question forms in turn, the caption as the answer) and a generation record.
+    """Write a data.jsonl of `count` clips of a split of the synthetic world with, per clip, an
+    understanding record for the video and one for its still (the motion as a fading trail; the
+    question forms in turn, the caption as the answer) and a generation record. `media="files"`
+    writes each clip (mp4) and still (png) beside it; `"world"` refers to them as `world:` scenes.
+    `generation` limits the generation records to the first clips (the default: every clip).
     Returns the JSONL path. `out` must be new, empty, or a dataset this function wrote."""
+    if media not in MEDIA:
+        raise DataError(f"media must be one of {', '.join(MEDIA)}, got {media!r}")
     out = Path(out)
     check_output_dir(out, _is_synthetic_dataset, "synthetic dataset")
-    for folder in ("videos", "stills"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, scene in enumerate(scenes(split, count, seed)):
-        clip = scene.video(frames, height, width)
-        video = write_video(clip, out / "videos" / f"{i:05d}.mp4", fps=8).relative_to(out).as_posix()
-        still = f"stills/{i:05d}.png"
-        with atomic_path(out / still) as tmp:
-            Image.fromarray(motion_still(clip)).save(tmp, format="PNG")
-        records.append(_question(scene, "video", video, QUESTIONS[i % len(QUESTIONS)]))
-        records.append(_question(scene, "images", [still], IMAGE_QUESTIONS[(i + 1) % len(IMAGE_QUESTIONS)]))
-        records.append({"type": "generation", "video": video, "caption": scene.caption})
+        if media == "world":
+            video, still = scene.ref("video", frames, height, width), scene.ref("still", frames, height, width)
+        else:
+            video, still = _write_media(scene, out, i, frames, height, width)
+        records.append(_question(scene, "video", video, question_for(scene, QUESTIONS)))
+        records.append(_question(scene, "images", [still], question_for(scene, IMAGE_QUESTIONS, salt=1)))
+        if generation is None or i < generation:
+            records.append({"type": "generation", "video": video, "caption": scene.caption})
     jsonl = out / "data.jsonl"
     write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in records))
     return jsonl
+
+
+def _write_media(scene, out: Path, i: int, frames: int, height: int, width: int) -> tuple[str, str]:
+    """videos/i.mp4 and stills/i.png of a scene; their paths relative to `out`."""
+    for folder in ("videos", "stills"):
+        (out / folder).mkdir(exist_ok=True)
+    clip = scene.video(frames, height, width)
+    video = write_video(clip, out / "videos" / f"{i:05d}.mp4", fps=8).relative_to(out).as_posix()
+    still = f"stills/{i:05d}.png"
+    with atomic_path(out / still) as tmp:
+        Image.fromarray(motion_still(clip)).save(tmp, format="PNG")
+    return video, still
 
 
 def _question(scene, key: str, media, question: str) -> dict:
@@ -102,7 +130,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def load_frames(record: dict, key: str = "video") -> np.ndarray:
-    """uint8 [F, H, W, 3] of a record's video (or its image as one frame), decoded once per file."""
+    """uint8 [F, H, W, 3] of a record's video (or its image as one frame), decoded once per file
+    (a `world:` scene is rendered)."""
+    if is_ref(record[key]):
+        try:
+            frames = render_ref(record[key])
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        return frames if key == "video" else frames[:1]
     path = Path(record["_root"]) / record[key]
     if not path.exists():
         raise DataError(f"{path}: missing media file of a dataset record")

@@ -24,7 +24,7 @@ import yaml
 
 from haplo.artifacts import check_output_dir, staging_dir, swap_into_place, write_atomic
 from haplo.errors import HaploError
-from haplo.training.config import TrainConfig
+from haplo.training.config import TrainConfig, check_keys, read_yaml
 from haplo.training.vae import REPORT, VaeTrainConfig
 
 SUMMARY = "training.json"
@@ -42,6 +42,12 @@ class DataSpec:
     frames: int = 9
     height: int = 64
     width: int = 64
+    media: str = "world"  # world: scenes rendered when read; files: mp4 + png on disk
+    generation: int | None = None  # train clips that also get a generation record (default: all)
+
+    def __post_init__(self) -> None:
+        if self.media not in ("files", "world"):
+            raise RecipeError(f"data.media must be files or world, got {self.media!r}")
 
 
 @dataclass
@@ -55,15 +61,9 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path, output_dir: str | None = None) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: no such recipe file (e.g. configs/haplo-mini.yaml)")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: not valid YAML ({err})") from None
-        _check_keys(path, raw, {f.name for f in fields(cls)})
-        _check_keys(path, raw.get("data") or {}, {f.name for f in fields(DataSpec)}, "data.")
+        raw = read_yaml(path, RecipeError, "recipe file (e.g. configs/haplo-mini.yaml)")
+        check_keys(path, raw, {f.name for f in fields(cls)}, RecipeError)
+        check_keys(path, raw.get("data") or {}, {f.name for f in fields(DataSpec)}, RecipeError, "data.")
         if not raw.get("preset") or not raw.get("stages"):
             raise RecipeError(f"{path}: a recipe needs 'preset' and a list of 'stages'")
         raw["data"] = DataSpec(**(raw.get("data") or {}))
@@ -93,14 +93,6 @@ class Recipe:
             except TypeError as err:
                 raise RecipeError(f"stage {name}: {err}") from None
         return configs
-
-
-def _check_keys(path: Path, raw: dict, known: set[str], prefix: str = "") -> None:
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise RecipeError(
-            f"{path}: unknown keys {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(known))}"
-        )
 
 
 def stage_name(spec: dict) -> str:
@@ -135,11 +127,13 @@ def make_data(recipe: Recipe, log: Callable[[str], None]) -> None:
     from haplo.training.data import make_synthetic_dataset
 
     spec = recipe.data
-    for split, count in (("train", spec.train), ("validation", spec.validation)):
+    for split, count, generation in (("train", spec.train, spec.generation), ("validation", spec.validation, None)):
         root = Path(recipe.output_dir) / "data" / split
         if (root / "data.jsonl").is_file():
             continue
-        make_synthetic_dataset(root, count, spec.frames, spec.height, spec.width, recipe.seed, split)
+        make_synthetic_dataset(
+            root, count, spec.frames, spec.height, spec.width, recipe.seed, split, spec.media, generation
+        )
         log(f"data: {count} {split} clips in {root}")
 
 

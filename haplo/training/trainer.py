@@ -137,6 +137,13 @@ def example_at(position: int, pool: list[int], seed: int) -> int:
     return pool[int(order[offset])]
 
 
+def kind_and_rank(number: int, pattern: list[str]) -> tuple[str, int]:
+    """Global micro-batch `number`'s kind (the pattern repeats) and its number among that kind's."""
+    cycle, slot = divmod(number, len(pattern))
+    kind = pattern[slot]
+    return kind, cycle * pattern.count(kind) + pattern[:slot].count(kind)
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run one stage (or stage-2 step). Returns the trainer state (losses per step, checkpoints)."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
@@ -236,7 +243,8 @@ class _Trainer:
         self.vae = vae_for_checkpoint(source, config, self.cfg.vae)
         self.scheduler = make_scheduler(config.video_generation)
         self.examples = Examples(cfg, processor, self.vae, config)
-        self.kinds = self.examples.kinds_for(cfg.stage, cfg.step)
+        kinds = self.examples.kinds_for(cfg.stage, cfg.step)
+        self.pattern = kinds if len(kinds) == 1 else ["understanding"] * cfg.understanding_ratio + ["generation"]
         self._prepare(model)
         self.clip_teacher = clip.eval().requires_grad_(False) if clip is not None else None
         self.cog_teacher = stages.CogVideoXTeacher(cog) if cog is not None else None
@@ -269,11 +277,12 @@ class _Trainer:
 
     def micro_loss(self, number: int) -> tuple[torch.Tensor, int]:
         """The stage loss of global micro-batch `number` (its examples and noise fixed by it) and
-        its example count. Kinds alternate by micro-batch; each kind walks its own seeded order."""
+        its example count. Kinds take turns by micro-batch (`understanding_ratio` understanding ones
+        per generation one); each kind walks its own seeded order."""
         cfg, examples, accelerator = self.cfg, self.examples, self.accelerator
-        kind = self.kinds[number % len(self.kinds)]
+        kind, rank = kind_and_rank(number, self.pattern)
         pool = examples.understanding if kind == "understanding" else examples.generation
-        first = (number // len(self.kinds)) * cfg.micro_batch_size
+        first = rank * cfg.micro_batch_size
         positions = range(first, first + cfg.micro_batch_size)
         indices = [
             example_at(p * accelerator.num_processes + accelerator.process_index, pool, cfg.seed) for p in positions

@@ -62,6 +62,32 @@ class Scene:
         """[H, W, 3] uint8: the clip's last frame over a fading trail of its earlier positions."""
         return motion_still(self.video(frames, height, width))
 
+    def ref(self, kind: str, frames: int, height: int, width: int) -> str:
+        """The dataset reference to this scene's video or still, rendered when read (nothing on
+        disk): `world:video/red/circle/up/3000007/9x64x64`."""
+        return f"{WORLD_SCHEME}{kind}/{self.colour}/{self.shape}/{self.direction}/{self.seed}/{frames}x{height}x{width}"
+
+
+WORLD_SCHEME = "world:"
+_REF = re.compile(r"world:(video|still)/([a-z]+)/([a-z]+)/([a-z]+)/(\d+)/(\d+)x(\d+)x(\d+)")
+
+
+def is_ref(media: str) -> bool:
+    return isinstance(media, str) and media.startswith(WORLD_SCHEME)
+
+
+def render_ref(ref: str) -> np.ndarray:
+    """uint8 frames of a `Scene.ref`: [F, H, W, 3] for a video, [1, H, W, 3] for a still."""
+    match = _REF.fullmatch(ref)
+    kind, colour, shape, direction = match.groups()[:4] if match else (None,) * 4
+    if not match or colour not in COLOURS or shape not in SHAPES or direction not in DIRECTIONS:
+        raise ValueError(f"{ref!r} is not a scene of the world (form: world:video/red/circle/up/SEED/FxHxW)")
+    frames, height, width = (int(g) for g in match.groups()[5:])
+    if frames < 1 or min(height, width) < 16:
+        raise ValueError(f"{ref!r}: a scene needs >= 1 frame and a size >= 16x16")
+    scene = Scene(colour, shape, direction, int(match.group(5)))
+    return scene.still(height, width, frames)[None] if kind == "still" else scene.video(frames, height, width)
+
 
 def scenes(split: str, count: int, seed: int = 0) -> list[Scene]:
     """`count` scenes of `split`, cycling through every (colour, shape, direction) in a seeded order."""
@@ -75,6 +101,12 @@ def scenes(split: str, count: int, seed: int = 0) -> list[Scene]:
     order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(classes))
     base = (len(SPLITS) * seed + SPLITS.index(split)) * SPLIT_STRIDE  # one block of seeds per (seed, split)
     return [Scene(*classes[order[i % len(classes)]], seed=base + i) for i in range(count)]
+
+
+def question_for(scene: Scene, forms: tuple[str, ...], salt: int = 0) -> str:
+    """The form a scene is asked in, drawn from its seed (and `salt`, one per medium) and not from its
+    class: a form tied to the class would let a model answer from the question instead of the pixels."""
+    return forms[int(np.random.default_rng([scene.seed, salt]).integers(len(forms)))]
 
 
 _WORDS = {
