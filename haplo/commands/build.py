@@ -88,7 +88,7 @@ def _add_quantization_args(parser: argparse.ArgumentParser) -> None:
     budgets = [
         ("--quant-min-cosine", 0.99, "per-graph cosine budget of low-precision graphs against fp32 PyTorch"),
         ("--quant-min-token-agreement", 0.9, "greedy agreement budget of low-precision bundles"),
-        ("--quant-min-latent-cosine", 0.99, "DDIM latent cosine budget of low-precision bundles"),
+        ("--quant-min-latent-cosine", 0.98, "DDIM latent cosine budget of low-precision bundles"),
     ]
     for flag, default, text in budgets:
         parser.add_argument(flag, type=FRACTION, default=default, help=text)
