@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from haplo.artifacts import staging_dir, swap_into_place, write_atomic
+from haplo.artifacts import check_output_dir, staging_dir, swap_into_place, write_atomic
 from haplo.bench.timing import stats
 from haplo.errors import HaploError
 
@@ -96,6 +96,7 @@ def build(spec: PeerSpec, precision: str, work_dir: Path, threads: int, seed: in
     if (target / MARKER).is_file():
         _set_threads(target, threads)
         return target, json.loads((target / MARKER).read_text())["build_s"]
+    check_output_dir(target, lambda d: (d / MARKER).is_file(), "peer model directory", flag="--work-dir")
     log(f"peer: building a {spec.num_hidden_layers}-layer Qwen2 ({precision}) with ONNX Runtime GenAI's builder")
     tmp = staging_dir(target)
     started = time.perf_counter()

@@ -125,6 +125,10 @@ class Manifest:
             if path.is_file() and path.name not in (MANIFEST, STAGING_MARKER):
                 files[path.relative_to(root).as_posix()] = sha256_file(path)
         self.files = files
+        self.save(root)
+
+    def save(self, root: Path) -> None:
+        """Write the manifest as it is, atomically (`write` hashes the files first)."""
         write_atomic(Path(root) / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
@@ -188,7 +192,7 @@ class Bundle:
         and rewrite the manifest atomically; no other file's checksum changes."""
         for rel in rels:
             self.manifest.files[rel] = sha256_file(self.root / rel)
-        write_atomic(self.root / MANIFEST, json.dumps(self.manifest.to_dict(), indent=2) + "\n")
+        self.manifest.save(self.root)
 
     @property
     def config(self) -> HaploOmniConfig:

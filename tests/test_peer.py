@@ -93,3 +93,16 @@ def test_the_peer_section_is_validated_and_tabled():
     del ok["tpot_ms"]
     with pytest.raises(SchemaError, match="peer fp32: missing 'tpot_ms'"):
         validate(doc)
+
+
+def test_a_peer_directory_the_tool_did_not_make_is_left_alone(tmp_path):
+    from haplo.errors import HaploError
+
+    spec = peer.PeerSpec(64, 128, 2, 4, 2, 512)
+    path, _ = peer.build(spec, "fp32", tmp_path / "made", threads=1, seed=0, log=lambda _: None)
+    mine = tmp_path / "work" / path.relative_to(tmp_path / "made")  # the same place under another work dir
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(HaploError, match="--work-dir"):
+        peer.build(spec, "fp32", tmp_path / "work", threads=1, seed=0, log=lambda _: None)
+    assert (mine / "notes.txt").read_text() == "mine" and len(list(mine.iterdir())) == 1

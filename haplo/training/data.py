@@ -60,7 +60,7 @@ def make_synthetic_dataset(
 ) -> Path:
     """Write a data.jsonl of `count` clips of a split of the synthetic world with, per clip, an
     understanding record for the video and one for its still (the motion as a fading trail; the
-    question forms in turn, the caption as the answer) and a generation record. `media="files"`
+    question form drawn per clip, the caption as the answer) and a generation record. `media="files"`
     writes each clip (mp4) and still (png) beside it; `"world"` refers to them as `world:` scenes.
     `generation` limits the generation records to the first clips (the default: every clip).
     Returns the JSONL path. `out` must be new, empty, or a dataset this function wrote."""

@@ -46,8 +46,10 @@ class DataSpec:
     generation: int | None = None  # train clips that also get a generation record (default: all)
 
     def __post_init__(self) -> None:
-        if self.media not in ("files", "world"):
-            raise RecipeError(f"data.media must be files or world, got {self.media!r}")
+        from haplo.training.data import MEDIA
+
+        if self.media not in MEDIA:
+            raise RecipeError(f"data.media must be {' or '.join(MEDIA)}, got {self.media!r}")
 
 
 @dataclass
