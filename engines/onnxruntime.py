@@ -21,8 +21,11 @@ def session_options(
     intra_op_threads: int | None = None,
     inter_op_threads: int | None = None,
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    spinning: bool = True,
 ):
     options = ort.SessionOptions()
+    if not spinning:  # idle intra-op threads sleep instead of spinning: other work shares the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     if inter_op_threads:
@@ -61,7 +64,10 @@ class OrtBackend(GraphBackend):
         inter_op_threads: int | None = None,
         providers: list[str] | None = None,
         optimization: ort.GraphOptimizationLevel | None = None,
+        spinning: bool = True,
     ):
+        """`spinning=False` for a server: between runs its threads must leave the cores to the scheduler's
+        own tensor work, the event loop and the clients (on 2 cores, spinning halves batched throughput)."""
         super().__init__(bundle)
         self.providers = providers or ["CPUExecutionProvider"]
         if optimization is None:  # quantized bundles record the level their Q/DQ graphs need
@@ -69,7 +75,7 @@ class OrtBackend(GraphBackend):
             optimization = getattr(ort.GraphOptimizationLevel, name)
         if "CPUExecutionProvider" in self.providers[:1]:
             check_int8_cpu(self.bundle, optimization)
-        self.options = session_options(intra_op_threads, inter_op_threads, optimization)
+        self.options = session_options(intra_op_threads, inter_op_threads, optimization, spinning)
         self.sessions: dict[str, ort.InferenceSession] = {}
 
     def session(self, graph: str) -> ort.InferenceSession:
@@ -104,3 +110,10 @@ class OrtBackend(GraphBackend):
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return torch.from_numpy(outputs[0].numpy()), list(outputs[1:])
+
+    def cache_tensors(self, past: list[ort.OrtValue]) -> list[torch.Tensor]:
+        return [torch.from_numpy(value.numpy()) for value in past]
+
+    def cache_from_tensors(self, tensors: list[torch.Tensor]) -> list[ort.OrtValue]:
+        # the OrtValue keeps the numpy array it wraps alive
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.float().numpy())) for t in tensors]

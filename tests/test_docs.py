@@ -29,15 +29,17 @@ def named_paths(text: str) -> set[str]:
     return found
 
 
-def commands(text: str) -> list[list[str]]:
-    """`haplo-export ...` lines of the code blocks (continuations joined)."""
+def commands(text: str, tool: str = "haplo-export") -> list[list[str]]:
+    """`haplo-export ...` (or another `tool`'s) lines of the code blocks (continuations joined)."""
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     found = []
     for line in lines:
         for part in line.split("&&"):
+            if not part.strip().startswith(tool + " "):
+                continue  # other tools' lines (curl with a JSON body) need not be shell words one by one
             words = shlex.split(part.split("#")[0])
-            if words[:1] == ["haplo-export"]:
+            if words[:1] == [tool]:
                 found.append(words[1:])
     return found
 
@@ -55,6 +57,15 @@ def test_every_readme_command_parses():
     assert len(found) >= 8
     for argv in found:
         parser.parse_args(argv)  # SystemExit (and an `error:` line) on an unknown command or option
+
+
+def test_every_readme_haplo_serve_command_parses():
+    from haplo.commands.serve import build_parser as serve_parser
+
+    found = commands((ROOT / "README.md").read_text(), "haplo-serve")
+    assert len(found) >= 3
+    for argv in found:
+        serve_parser().parse_args(argv)
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -1,8 +1,8 @@
-"""The import rule: model <- runtime <- bundle <- export | engines | training <- bench <- commands.
+"""The import rule: model <- runtime <- bundle <- export | engines | training | serving <- bench <- commands.
 
 Every `import` in the package counts, including those inside functions. A module may import its own
-layer and the layers below it, never one above; export, engines and training are independent of
-each other; nothing imports the commands. No import cycle anywhere, inside a layer either.
+layer and the layers below it, never one above; export, engines, training and serving are
+independent of each other; nothing imports the commands. No import cycle anywhere, inside a layer either.
 Run as a script (`python tests/test_layers.py`) it prints every violation and exits 1 on any.
 """
 
@@ -28,6 +28,7 @@ LAYERS = {
     "haplo.export": 4,
     "haplo.engines": 4,
     "haplo.training": 4,
+    "haplo.serving": 4,
     "haplo.bench": 5,
     "haplo.commands": 6,
 }

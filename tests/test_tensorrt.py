@@ -282,3 +282,14 @@ def test_fp8_engines_build_and_agree(tiny_model, tmp_path):
     ).new_tokens
     candidate = understand(backend, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32).new_tokens
     assert (reference == candidate).float().mean() >= 0.9
+
+
+def test_the_scheduler_sees_tensorrt_caches_without_their_dead_slot():
+    """Batches are padded and split on the real slots; the dead first slot every call carries comes back zero."""
+    from haplo.engines.tensorrt.backend import TensorRTBackend
+
+    cache = torch.randn(2, 2, 5, 4)
+    real = TensorRTBackend.cache_tensors(None, [cache])
+    assert real[0].shape == (2, 2, 4, 4) and torch.equal(real[0], cache[:, :, 1:])
+    back = TensorRTBackend.cache_from_tensors(None, real)[0]
+    assert torch.equal(back[:, :, 1:], cache[:, :, 1:]) and not back[:, :, 0].any()

@@ -97,6 +97,12 @@ class TensorRTBackend(GraphBackend):
         presents = [out[f"present.{n}.{kind}"] for n in layers for kind in ("key", "value")]
         return out["hidden_states_out"].float().cpu(), presents
 
+    def cache_tensors(self, past: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t[:, :, 1:] for t in past]  # without the dead slot every call puts first
+
+    def cache_from_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat([torch.zeros_like(t[:, :, :1]), t], dim=2).contiguous() for t in tensors]
+
     def keep_cache(self, past: list[torch.Tensor]) -> list[torch.Tensor]:
         # A cache reused by many later calls (the text prefix) must leave the runner's output arenas.
         return [t.clone() for t in past]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from haplo.errors import UsageError
+from haplo.errors import HaploError, UsageError
 from haplo.model.config import PRESETS
 from haplo.model.shipped import SHIPPED_NAME, shipped_checkpoint
 
@@ -57,6 +57,26 @@ NON_NEGATIVE = _number(int, 0, what="must be >= 0")
 NON_NEGATIVE_FLOAT = _number(float, 0.0, what="must be >= 0")
 FRACTION = _number(float, 0.0, 1.0, what="must be in [0, 1]")
 TOP_P = _number(float, 0.0, 1.0, low_open=True, what="must be in (0, 1]; 1 = off")
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse, set torch's threads, fill in the default model, run `args.handler`: the exit code
+    (2 with one `error:` line for a HaploError)."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or one `error:` line from Parser
+        return int(stop.code or 0)
+    try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        apply_default_model(args)
+        args.handler(args)
+    except HaploError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # -- shared options ------------------------------------------------------------------------------
@@ -168,7 +188,8 @@ def _bundle_backend(args: argparse.Namespace):
             f"{args.bundle} has no TensorRT engines; rebuild it with --target tensorrt on a "
             "machine with an NVIDIA GPU, or use --backend onnxruntime"
         )
-    return backend or OrtBackend(bundle, intra_op_threads=args.threads), bundle
+    spinning = getattr(args, "spinning", True)  # haplo-serve: False
+    return backend or OrtBackend(bundle, intra_op_threads=args.threads, spinning=spinning), bundle
 
 
 def load_backend(args: argparse.Namespace, need_vae: bool = True) -> tuple[Any, Any]:

@@ -8,6 +8,7 @@
     haplo-export run generate   --prompt "A red square moves left." --out out/video.mp4
     haplo-export eval     --backends torch,onnxruntime --precisions fp32,int8
     haplo-export bench    --preset small --backends torch,onnxruntime --precisions fp32,int8
+    haplo-export bench-serve --clients 1,16                              (haplo-serve under load)
     haplo-export kernels  --preset tiny --arch 90 --out kernels/sm_90
 
 Every command works on the shipped, trained haplo-mini by default, a checkpoint directory
@@ -20,11 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from haplo.commands import bench, build, evaluate, inspect, kernels, run
-from haplo.commands.common import Parser, apply_default_model
-from haplo.errors import HaploError
+from haplo.commands import bench, bench_serve, build, evaluate, inspect, kernels, run
+from haplo.commands.common import Parser, run_command
 
-SUBCOMMANDS = (inspect, build, run, evaluate, bench, kernels)  # in the order `--help` lists them
+SUBCOMMANDS = (inspect, build, run, evaluate, bench, bench_serve, kernels)  # in the order `--help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,21 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as stop:  # --help, or one `error:` line from Parser
-        return int(stop.code or 0)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:
-        apply_default_model(args)
-        args.handler(args)
-    except HaploError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

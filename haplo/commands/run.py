@@ -110,19 +110,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def read_video_frames(path: Path, count: int) -> np.ndarray:
     """`count` frames sampled uniformly from the video at `path`, RGB uint8 (frames, height, width, 3)."""
-    import imageio.v3 as iio
-    import numpy as np
-
-    from haplo.video import evenly_spaced
+    from haplo.video import read_frames
 
     try:
-        frames = iio.imread(path, plugin="FFMPEG" if path.suffix.lower() != ".gif" else None)
-    except Exception as err:  # imageio raises many types for undecodable input
-        raise UsageError(f"{path}: cannot decode the video ({type(err).__name__}); pass an mp4/gif file") from None
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or len(frames) == 0:
-        raise UsageError(f"{path}: no video frames found")
-    return frames[evenly_spaced(len(frames), min(count, len(frames)))][..., :3]
+        return read_frames(path, count)
+    except ValueError as err:
+        raise UsageError(f"{path}: {err}; pass an mp4/gif file") from None
 
 
 def _check_media(args: argparse.Namespace) -> None:

@@ -64,6 +64,17 @@ class Backend(ABC):
         """Raise RequestError unless `vae_decode` can decode latents of (frames, C, h, w)."""
 
     # -- cache -------------------------------------------------------------------------------------
+    cache_element_size: int = 4  # bytes of one cached key or value element (fp32)
+
+    def cache_tensors(self, past) -> list[torch.Tensor]:
+        """A stage's cache as torch tensors, key then value per layer, each [B, Hkv, L, D]: what the
+        scheduler pads, joins and splits by row (`haplo.runtime.batching`). Default: (k, v) per layer."""
+        return [t for kv in past for t in kv]
+
+    def cache_from_tensors(self, tensors: list[torch.Tensor]):
+        """The inverse of `cache_tensors`: the backend's own cache object."""
+        return [(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)]
+
     def keep_cache(self, past):
         """A cache that later calls reuse many times (the text prefix); backends that recycle output
         buffers copy it out here."""

@@ -48,14 +48,17 @@ def predict_v(
     backend: Backend,
     latents: torch.Tensor,
     timestep: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     prefix: DecodeState | None = None,
 ) -> torch.Tensor:
-    """One denoiser call: v-prediction [B, F, C, h, w]; with `prefix`, only time token + latents run."""
+    """One denoiser call: v-prediction [B, F, C, h, w]; with `prefix` (the text's cache, any batch of
+    prefixes joined by `batching.merge`), only time token + latents run and the ids are not needed."""
     time_token, latent_tokens, temb = backend.embed_generation(latents, timestep)
     num_visual = latent_tokens.shape[1]
     if prefix is None:
+        if input_ids is None or attention_mask is None:
+            raise ValueError("without a cached prefix, predict_v needs input_ids and attention_mask")
         text = backend.embed_text(input_ids)
         sequence, key_start, position_ids = generation_sequence(text, time_token, latent_tokens, attention_mask)
         hidden, _ = run_stack(backend, sequence, position_ids, key_start)

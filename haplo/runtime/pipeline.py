@@ -11,6 +11,7 @@ from diffusers.schedulers.scheduling_ddim_cogvideox import CogVideoXDDIMSchedule
 
 from haplo.runtime.backend import Backend
 from haplo.runtime.ddim import denoise, make_scheduler
+from haplo.runtime.requests import VideoRequest
 
 
 @dataclass
@@ -38,6 +39,33 @@ class TextToVideoPipeline:
             gen.num_frames if num_frames is None else num_frames,
             gen.height if height is None else height,
             gen.width if width is None else width,
+        )
+
+    def request(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int = 0,
+        decode: bool = True,
+    ) -> VideoRequest:
+        """One prompt as a job for `Scheduler.submit_video`: the same ids and noise `__call__` uses."""
+        gen = self.backend.config.video_generation
+        batch = self.processor.process_prompt_for_generation([prompt], negative_prompt)
+        shape = self.latent_shape(num_frames, height, width)
+        if decode:
+            self.backend.check_vae_size(shape)
+        return VideoRequest(
+            batch["input_ids"],
+            batch["attention_mask"],
+            torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)),
+            gen.num_inference_steps if num_inference_steps is None else num_inference_steps,
+            gen.guidance_scale if guidance_scale is None else guidance_scale,
+            decode,
         )
 
     @torch.no_grad()

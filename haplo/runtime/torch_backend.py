@@ -17,6 +17,7 @@ class TorchBackend(Backend):
     def __init__(self, model, vae=None):
         self.model, self.vae = model, vae
         self.config = model.config
+        self.cache_element_size = torch.empty((), dtype=model.dtype).element_size()
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.model.dtype) if x.is_floating_point() else x
