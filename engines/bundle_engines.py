@@ -28,5 +28,5 @@ class BundleEngines:
         from haplo.engines.tensorrt.builder import EngineOptions, build_bundle_engines
         from haplo.engines.tensorrt.profiles import ShapeRanges
 
-        ranges = self.ranges or ShapeRanges()
+        ranges = self.ranges or ShapeRanges.for_config(manifest.config)
         return build_bundle_engines(root, manifest, ranges, self.options or EngineOptions(), log)

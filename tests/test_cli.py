@@ -134,6 +134,9 @@ BAD_INPUT = [
     (["bench-serve", "--backend", "torch", "--bundle", "{BUNDLE}"], "--backend torch serves a checkpoint or preset"),
     (["kernels", "--arch", "60"], "Triton targets sm_70 and newer"),
     (["kernels", "--dtypes", "fp64"], "choose from fp32, fp16, bf16"),
+    (["kernels", "--ptx-version", "eight"], "give MAJOR.MINOR"),
+    (["kernels", "--cuda-driver", "12"], "--cuda-driver '12': give MAJOR.MINOR"),
+    (["kernels", "--arch", "100", "--cuda-driver", "12.4"], "sm_100 needs 8.6"),
     (["kernels", "--out", "{FILE}"], "exists and is a file"),
     (["kernels", "--out", "{DIR}"], "is not a kernels directory made by this tool"),
 ]

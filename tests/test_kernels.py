@@ -157,9 +157,53 @@ def test_ptx_for_sm90_for_every_kernel_variant(tmp_path):
         ptx = (tmp_path / info["file"]).read_text()
         assert ".target sm_90" in ptx and f".entry {info['name']}(" in ptx
         own_args = 10 if info["kernel"] == "MultimodalAdaLN" else 9
-        assert info["param_count"] == own_args + 2  # + Triton's scratch pointers, unused
+        assert info["param_count"] == own_args  # Triton's two scratch pointers are taken out
+        assert f"{info['name']}_param_{own_args}" not in ptx
+        assert info["shared_bytes"] <= kernels.SHARED_BUDGET
         assert info["block_threads"] == 32 * info["num_warps"]
     assert json.loads((tmp_path / aot.INDEX_NAME).read_text()) == index
+
+
+def test_the_ptx_targets_the_driver_and_stays_within_48_kb_at_paper_head_sizes():
+    """A 12.4 driver JITs PTX up to 8.4 (Triton's bundled ptxas would write 9.x); fp32 tiles at head size
+    128 shrink to fit the 48 KB a TensorRT AOT launch gets."""
+    version = aot.ptx_version_for(90, (12, 4))
+    assert version == 84
+    specs = [
+        aot.attention_spec(d, h, h**-0.5, t, "i64", 90, version)
+        for d in ("fp32", "bf16")
+        for h in (64, 128)
+        for t in kernels.ATTENTION_TILES
+    ]
+    specs.append(aot.adaln_spec("bf16", 3584, 1e-6, False, 90, version))
+    for spec, kernel in zip(specs, aot.compile_specs(specs)):
+        assert kernel.ptx_version == "8.4" and ".version 8.4" in kernel.ptx, spec
+        assert kernel.shared_bytes <= kernels.SHARED_BUDGET, (spec, kernel.shared_bytes)
+    assert kernels.attention_tiles(1, True, 128)[:2] != kernels.ATTENTION_TILES[1][:2]  # fp32 d128 shrank
+    assert kernels.attention_tiles(1, False, 64)[:2] == kernels.ATTENTION_TILES[1][:2]
+
+
+def test_driver_ptx_rules():
+    assert aot.ptx_isa_for_driver(12, 6) == 85 and aot.ptx_isa_for_driver(12, 7) == 85  # 12.7: as 12.6
+    assert aot.ptx_isa_for_driver(13, 2) == 90 and aot.ptx_version_for(90, None) is None
+    with pytest.raises(aot.KernelCompileError, match="sm_100 needs 8.6; update the NVIDIA driver"):
+        aot.ptx_version_for(100, (12, 4))
+    assert aot.ptx_mismatch("9.4", (12, 4)) and "newer than the CUDA 12.4 driver" in aot.ptx_mismatch("9.4", (12, 4))
+    assert aot.ptx_mismatch("8.4", (12, 4)) is None and aot.ptx_mismatch("", (12, 4)) is None
+    assert aot.parse_ptx_version("8.4") == 84
+    with pytest.raises(aot.KernelCompileError, match="MAJOR.MINOR"):
+        aot.parse_ptx_version("eight")
+
+
+def test_scratch_parameters_are_taken_out_only_when_unused():
+    ptx = (
+        ".version 8.4\n.entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1\n)\n"
+        "{\n\tld.param.u64 %rd1, [k_param_0];\n}"
+    )
+    stripped = aot.strip_scratch_params(ptx, "k", 1)
+    assert "k_param_1" not in stripped and "k_param_0" in stripped and stripped.count(".param .u64") == 1
+    with pytest.raises(aot.KernelCompileError, match="uses k_param_0"):
+        aot.strip_scratch_params(ptx, "k", 0)
 
 
 def test_compile_error_names_the_kernel():

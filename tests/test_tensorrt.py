@@ -146,7 +146,7 @@ def test_a_rebuilt_engine_is_resigned_so_the_bundle_still_opens(cli_bundle, tmp_
     assert (root / "engines" / "lm_head.plan").read_bytes() == b"the engine for this GPU"
 
 
-def test_profiles_cover_prefill_and_decode():
+def test_profiles_cover_prefill_decode_and_denoise():
     inputs = [
         TensorSpec("hidden_states", "float32", ["batch", "sequence", 64]),
         TensorSpec("key_start", "int64", ["batch", "total_sequence"]),
@@ -155,15 +155,63 @@ def test_profiles_cover_prefill_and_decode():
     entry = GraphEntry("graphs/g.onnx", None, inputs, [], "fp32", [0, 1], "", [], {})
     ranges = trt_engines.ShapeRanges(prompt=(1, 32, 256), past=(1, 64, 512), visual_tokens=(1, 16, 128))
     profiles = trt_engines.graph_profiles(entry, ranges)
-    assert list(profiles) == ["prefill", "decode"]
+    assert list(profiles) == ["prefill", "decode", "denoise"]
     assert profiles["decode"]["hidden_states"] == ((1, 1, 64), (1, 1, 64), (2, 1, 64))
+    # denoise: the CFG pair, [time token | latents] after the cached text prefix, timed at 16 latents
+    assert profiles["denoise"]["hidden_states"] == ((1, 2, 64), (2, 17, 64), (2, 129, 64))
+    assert profiles["denoise"]["past_key_values.0.key"][1] == (2, 4, 33, 16)
     assert profiles["prefill"]["hidden_states"][2] == (2, 256, 64)
     assert profiles["decode"]["past_key_values.0.key"][0] == (1, 4, 1, 16)  # past >= 1 (dead slot)
     assert profiles["decode"]["key_start"][2] == (2, 513)
     with pytest.raises(trt_engines.EngineError, match="no shape range for dynamic dimension 'frames'"):
-        trt_engines.input_shape_range(["frames"], trt_engines.profile_dims(ranges, decode=False))
+        trt_engines.input_shape_range(["frames"], trt_engines.profile_dims(ranges, "prefill"))
     with pytest.raises(ValueError, match="need 1 <= min <= opt <= max"):
         trt_engines.ShapeRanges(past=(0, 8, 16))
+
+
+def test_each_call_runs_the_profile_whose_optimum_is_nearest():
+    from haplo.engines.tensorrt.profiles import choose_profile
+
+    entry = GraphEntry(
+        "graphs/g.onnx",
+        None,
+        [
+            TensorSpec("hidden_states", "float32", ["batch", "sequence", 64]),
+            TensorSpec("past_key_values.0.key", "float32", ["batch", 4, "past_sequence", 16]),
+        ],
+        [],
+        "fp32",
+        [0],
+        "",
+        [],
+        {},
+    )
+    ranges = trt_engines.ShapeRanges(prompt=(1, 32, 256), past=(1, 64, 512), visual_tokens=(1, 100, 128))
+    profiles = trt_engines.graph_profiles(entry, ranges)
+
+    def pick(seq, past, batch=1):
+        return choose_profile(
+            profiles, {"hidden_states": (batch, seq, 64), "past_key_values.0.key": (batch, 4, past, 16)}
+        )
+
+    assert pick(1, 80) == 1  # decode
+    assert pick(30, 1) == 0  # prefill of a prompt
+    assert pick(101, 30, batch=2) == 2  # a DDIM step: time token + 100 latents after a 29-token prefix
+    with pytest.raises(trt_engines.EngineError, match="outside every optimisation profile"):
+        pick(1, 5000)
+
+
+def test_engine_ranges_take_the_models_latent_tokens():
+    from haplo.model.config import preset
+
+    config = preset("tiny")
+    gen = config.video_generation
+    ranges = trt_engines.ShapeRanges.for_config(config)
+    assert ranges.visual_tokens[1] == gen.latent_tokens(gen.num_frames, gen.height, gen.width)
+    assert (
+        ranges.visual_tokens[2] >= 17550
+        and ranges.latent_frames[1] == gen.latent_shape(gen.num_frames, gen.height, gen.width)[0]
+    )
 
 
 @pytest.mark.skipif(trt_engines.tensorrt_status()[0], reason="TensorRT is usable here")
@@ -235,7 +283,7 @@ def test_tensorrt_engines_use_the_plugins_and_match_torch(tiny_model, trt_bundle
     assert set(manifest.engines) == set(manifest.graphs)
     for name in ("pre_decoder", "base_decoder", "post_decoder"):
         assert manifest.engines[name]["plugins"] == ["haplo::HybridAttention", "haplo::MultimodalAdaLN"]
-        assert manifest.engines[name]["profiles"] == ["prefill", "decode"]
+        assert manifest.engines[name]["profiles"] == ["prefill", "decode", "denoise"]
     assert manifest.requirements
     backend = trt_engines.TensorRTBackend(Bundle.open(out))
     processor = HaploOmniProcessor(build_tokenizer(tiny_model.config), tiny_model.config)
@@ -293,3 +341,91 @@ def test_the_scheduler_sees_tensorrt_caches_without_their_dead_slot():
     assert real[0].shape == (2, 2, 4, 4) and torch.equal(real[0], cache[:, :, 1:])
     back = TensorRTBackend.cache_from_tensors(None, real)[0]
     assert torch.equal(back[:, :, 1:], cache[:, :, 1:]) and not back[:, :, 0].any()
+
+
+class _FakeContext:
+    """An execution context: remembers the shapes and addresses bound and counts its enqueues."""
+
+    def __init__(self):
+        self.shapes, self.addresses, self.enqueues, self.profile = {}, {}, 0, None
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = shape
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def get_tensor_shape(self, name):
+        return self.shapes["x"]
+
+    def execute_async_v3(self, stream):
+        self.enqueues += 1
+        return True
+
+
+@pytest.fixture
+def graph_runner(monkeypatch):
+    """An EngineRunner over a fake engine (inputs x and past, output y), CUDA graphs faked on CPU."""
+    import contextlib
+    import types
+
+    from haplo.engines.tensorrt import runner as runner_module
+
+    class Graph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    stream = types.SimpleNamespace(cuda_stream=0, wait_stream=lambda other: None, synchronize=lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, stream=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    runner = object.__new__(runner_module.EngineRunner)
+    runner.device = "cpu"
+    runner.engine = types.SimpleNamespace(create_execution_context=_FakeContext)
+    runner.context, runner.stream = _FakeContext(), stream
+    runner.inputs, runner.outputs = ["x", "past"], ["y"]
+    runner.dtypes = {"x": torch.float32, "past": torch.float32, "y": torch.float32}
+    runner.arenas, runner.profiles, runner.cuda_graphs = {}, {}, True
+    runner.graphs, runner.first_call = runner_module.OrderedDict(), {}
+    return runner
+
+
+def test_a_cuda_graph_has_its_own_context_binds_a_kept_cache_in_place_and_owns_its_outputs(graph_runner):
+    past = torch.randn(1, 2, 64, 8)  # the kept text prefix: the same tensor at every DDIM step
+    first_x = torch.randn(2, 4)  # kept alive, so no later x reuses its address
+    graph_runner({"x": first_x, "past": past}, profile=0)
+    assert not graph_runner.graphs and graph_runner.context.enqueues == 1  # first sight: eager
+    x = torch.randn(2, 4)
+    graph_runner({"x": x, "past": past}, profile=0)  # second: captured
+    (captured,) = graph_runner.graphs.values()
+    assert captured.context is not graph_runner.context and captured.context.profile == 0
+    assert captured.static["past"] is past and "past" in captured.stable  # no copy of the cache
+    assert captured.static["x"] is not x and "x" not in captured.stable
+    arenas = {t.data_ptr() for t in graph_runner.arenas.values()}
+    assert captured.outputs["y"].data_ptr() not in arenas
+    new_x = torch.randn(2, 4)
+    out = graph_runner({"x": new_x, "past": past}, profile=0)
+    assert captured.graph.replays == 2 and torch.equal(captured.static["x"], new_x) and out is captured.outputs
+    other = past.clone()  # the cache came in another tensor: captured again, copying it from now on
+    graph_runner({"x": new_x, "past": other}, profile=0)
+    (again,) = graph_runner.graphs.values()
+    assert again is not captured and again.stable == set() and torch.equal(again.static["past"], other)
+    assert again.graph.replays == 1 and graph_runner.context.enqueues == 1
+
+
+def test_the_graph_cache_is_bounded(graph_runner):
+    from haplo.engines.tensorrt.runner import MAX_GRAPHS
+
+    past = torch.zeros(1, 2, 8, 8)
+    for length in range(1, MAX_GRAPHS + 4):
+        for _ in range(2):
+            graph_runner({"x": torch.zeros(length, 4), "past": past}, profile=1)
+    assert len(graph_runner.graphs) == MAX_GRAPHS
+    assert min(key[2][0] for key in graph_runner.graphs) == 4  # the least recently used went first

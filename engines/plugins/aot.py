@@ -10,8 +10,15 @@ Under TRITON_INTERPRET=1 (the CPU tests) triton.language's own @jit helpers (tl.
 tl.sigmoid) are interpreter functions for the life of the process and cannot be compiled, so the
 compilation then runs in a child process without it.
 
-Triton appends two pointer parameters (global and profile scratch) after the kernel's own; our
-kernels use neither (checked here: both sizes must be 0), so a launcher may leave them null.
+Three things a TensorRT AOT launch needs of the PTX, made sure of here:
+- Triton appends two pointer parameters (global and profile scratch) after the kernel's own, which
+  TensorRT does not pass. Our kernels use neither (both sizes must be 0 and the body must not name
+  them), so they are taken out of the entry's parameter list.
+- The PTX ISA version must be one the driver can JIT: Triton takes it from its bundled ptxas (CUDA 13:
+  `.version 9.x`), so it is set from the driver's CUDA version where a driver is present
+  (`driver_cuda_version`, `ptx_isa_for_driver`), or given (`--ptx-version`, $HAPLO_PTX_VERSION).
+- Shared memory stays within 48 KB per block (`kernels.SHARED_BUDGET`): `KernelLaunchParams` has no
+  opt-in for more.
 """
 
 from __future__ import annotations
@@ -40,19 +47,23 @@ DEFAULT_ARCH = 90  # sm_90 (H100/H200)
 DTYPES = ("fp32", "fp16", "bf16")
 INDEX_NAME = "kernels.json"
 INDEX_FORMAT = "haplo-kernels/1"
-# Largest shared memory one block may use (opt-in dynamic shared memory), bytes, per SM.
-SHARED_MEMORY_LIMIT = {
-    70: 96 << 10,
-    75: 64 << 10,
-    80: 163 << 10,
-    86: 99 << 10,
-    87: 163 << 10,
-    89: 99 << 10,
-    90: 227 << 10,
-    100: 227 << 10,
-    103: 227 << 10,
-    120: 99 << 10,
+# The newest PTX ISA (x10) a driver of each CUDA version JITs (NVIDIA's PTX ISA release notes).
+PTX_ISA_OF_CUDA = {
+    (11, 8): 78,
+    (12, 0): 80,
+    (12, 1): 81,
+    (12, 2): 82,
+    (12, 3): 83,
+    (12, 4): 84,
+    (12, 5): 85,
+    (12, 6): 85,
+    (12, 8): 87,
+    (12, 9): 88,
+    (13, 0): 90,
 }
+# The oldest PTX ISA that can target each SM (Triton targets the arch-specific sm_90a / sm_100a).
+MIN_PTX_ISA = {70: 60, 75: 63, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 103: 88, 120: 87}
+PTX_ENV = "HAPLO_PTX_VERSION"  # e.g. 8.4: emit this PTX ISA version instead of the driver's
 
 
 class KernelCompileError(HaploError, RuntimeError):
@@ -71,7 +82,8 @@ class PtxKernel:
     num_warps: int
     block_threads: int  # num_warps * 32
     shared_bytes: int
-    param_count: int  # our arguments + Triton's two scratch pointers
+    param_count: int  # the kernel's own arguments (Triton's scratch pointers are taken out)
+    ptx_version: str  # the PTX ISA of `.version`
     ptx: str
 
     def describe(self) -> dict:
@@ -86,17 +98,24 @@ def _jit_function(kernel):
 
 
 def _compile(
-    kernel, signature: dict[str, str], constants: dict, arch: int, num_warps: int, num_stages: int = 2
+    kernel,
+    signature: dict[str, str],
+    constants: dict,
+    arch: int,
+    num_warps: int,
+    num_stages: int = 2,
+    ptx_version: int | None = None,
 ) -> triton.compiler.CompiledKernel:
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if ptx_version is not None:
+        options["ptx_version"] = ptx_version
     try:
         src = ASTSource(
             fn=_jit_function(kernel),
             signature={**signature, **{k: "constexpr" for k in constants}},
             constexprs=constants,
         )
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-        )
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as err:  # Triton raises its own compilation errors with the MLIR diagnostics
         raise KernelCompileError(
             f"Triton cannot compile {kernel.__name__} for sm_{arch} with {constants}: {type(err).__name__}: {err}"
@@ -106,19 +125,34 @@ def _compile(
         raise KernelCompileError(
             f"{kernel.__name__} needs Triton scratch memory, which a TensorRT AOT launch does not provide"
         )
-    limit = SHARED_MEMORY_LIMIT.get(arch, 99 << 10)
-    if meta.shared > limit:
+    if meta.shared > kernels.SHARED_BUDGET:
         raise KernelCompileError(
-            f"{kernel.__name__} with {constants} needs {meta.shared} B of shared memory; "
-            f"sm_{arch} has {limit} B per block"
+            f"{kernel.__name__} with {constants} needs {meta.shared} B of shared memory; a TensorRT AOT launch "
+            f"gets {kernels.SHARED_BUDGET} B per block (KernelLaunchParams has no opt-in for more)"
         )
     return compiled
 
 
-def _ptx_kernel(op: str, compiled, arch: int, dtype: str, constants: dict) -> PtxKernel:
-    ptx = compiled.asm["ptx"]
+def strip_scratch_params(ptx: str, entry: str, own: int) -> str:
+    """The PTX with the entry's parameters after the first `own` removed (Triton's scratch pointers);
+    refuses when the body uses one of them."""
+    found = re.search(rf"(\.entry {re.escape(entry)}\()(.*?)(\n\))", ptx, re.S)
+    if found is None:
+        raise KernelCompileError(f"no .entry {entry} in the PTX")
+    params = [p.strip() for p in found.group(2).split(",") if p.strip()]
+    extra = [p.split()[-1] for p in params[own:]]
+    for name in extra:
+        if len(re.findall(rf"\b{re.escape(name)}\b", ptx)) > 1:
+            raise KernelCompileError(f"{entry} uses {name}, a parameter TensorRT's launch does not pass")
+    kept = ",\n".join(f"\t{p}" for p in params[:own])
+    return ptx[: found.start(2)] + "\n" + kept + ptx[found.end(2) :]
+
+
+def _ptx_kernel(op: str, compiled, arch: int, dtype: str, constants: dict, own: int) -> PtxKernel:
     entry = compiled.metadata.name
+    ptx = strip_scratch_params(compiled.asm["ptx"], entry, own)
     params = re.search(rf"\.entry {re.escape(entry)}\((.*?)\)", ptx, re.S)
+    version = re.search(r"^\.version (\S+)", ptx, re.M)
     return PtxKernel(
         kernel=op,
         name=entry,
@@ -129,8 +163,72 @@ def _ptx_kernel(op: str, compiled, arch: int, dtype: str, constants: dict) -> Pt
         block_threads=compiled.metadata.num_warps * 32,
         shared_bytes=compiled.metadata.shared,
         param_count=params.group(1).count(".param") if params else -1,
+        ptx_version=version.group(1) if version else "",
         ptx=ptx,
     )
+
+
+# -- the PTX ISA a driver takes ------------------------------------------------------------------
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """(major, minor) of the CUDA driver API this machine's libcuda gives, or None without a driver."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return version.value // 1000, (version.value % 1000) // 10
+
+
+def ptx_isa_for_driver(major: int, minor: int) -> int:
+    """The newest PTX ISA (x10) a driver of CUDA major.minor JITs; a version newer than the table's
+    takes the newest known entry of its major (or of all)."""
+    if (major, minor) in PTX_ISA_OF_CUDA:
+        return PTX_ISA_OF_CUDA[(major, minor)]
+    older = [v for (ma, mi), v in PTX_ISA_OF_CUDA.items() if (ma, mi) < (major, minor)]
+    if not older:
+        raise KernelCompileError(f"CUDA {major}.{minor} is older than any driver the plugins support (11.8+)")
+    return max(older)
+
+
+def ptx_version_for(arch: int, driver: tuple[int, int] | None) -> int | None:
+    """The PTX ISA to emit for `arch` under `driver` (None: no driver here, Triton's default)."""
+    if driver is None:
+        return None
+    isa = ptx_isa_for_driver(*driver)
+    needed = MIN_PTX_ISA.get(arch, 0)
+    if isa < needed:
+        raise KernelCompileError(
+            f"the CUDA {driver[0]}.{driver[1]} driver JITs PTX up to {isa / 10:.1f}, and sm_{arch} needs "
+            f"{needed / 10:.1f}; update the NVIDIA driver"
+        )
+    return isa
+
+
+def ptx_mismatch(ptx_version: str, driver: tuple[int, int] | None) -> str | None:
+    """Why PTX of ISA `ptx_version` ("8.4"; "" = not recorded) cannot be JIT-compiled by `driver`, or None."""
+    if not ptx_version or driver is None:
+        return None
+    newest = ptx_isa_for_driver(*driver)
+    if parse_ptx_version(ptx_version) > newest:
+        return (
+            f"its plugin kernels are PTX {ptx_version}, newer than the CUDA {driver[0]}.{driver[1]} driver "
+            f"JITs ({newest / 10:.1f})"
+        )
+    return None
+
+
+def parse_ptx_version(text: str) -> int:
+    """'8.4' (or '84') -> 84."""
+    major, dot, minor = text.strip().partition(".")
+    if not (major.isdigit() and (minor.isdigit() or not dot)):
+        raise KernelCompileError(f"PTX version {text!r}: give MAJOR.MINOR, e.g. 8.4")
+    return int(major) * 10 + int(minor) if dot else int(major)
 
 
 def _compile_spec(spec: dict) -> PtxKernel:
@@ -141,7 +239,9 @@ def _compile_spec(spec: dict) -> PtxKernel:
     return _compile_attention_here(**params)
 
 
-def _compile_adaln_here(dtype: str, hidden: int, eps: float, layernorm: bool, arch: int) -> PtxKernel:
+def _compile_adaln_here(
+    dtype: str, hidden: int, eps: float, layernorm: bool, arch: int, ptx_version: int | None = None
+) -> PtxKernel:
     pointer = f"*{dtype}"
     signature = {
         name: pointer
@@ -158,14 +258,21 @@ def _compile_adaln_here(dtype: str, hidden: int, eps: float, layernorm: bool, ar
     signature["hidden"] = "i32"
     signature.update(out_ptr=pointer, gate_ptr=pointer)
     constants = {"EPS": float(eps), "LAYERNORM": bool(layernorm), "BLOCK_H": kernels.adaln_block(hidden)}
-    compiled = _compile(kernels.multimodal_adaln_kernel, signature, constants, arch, kernels.adaln_warps(hidden))
-    return _ptx_kernel("MultimodalAdaLN", compiled, arch, dtype, constants)
+    warps = kernels.adaln_warps(hidden)
+    compiled = _compile(kernels.multimodal_adaln_kernel, signature, constants, arch, warps, ptx_version=ptx_version)
+    return _ptx_kernel("MultimodalAdaLN", compiled, arch, dtype, constants, len(signature))
 
 
 def _compile_attention_here(
-    dtype: str, head_dim: int, scale: float, tactic: int, key_start_dtype: str, arch: int
+    dtype: str,
+    head_dim: int,
+    scale: float,
+    tactic: int,
+    key_start_dtype: str,
+    arch: int,
+    ptx_version: int | None = None,
 ) -> PtxKernel:
-    block_m, block_n, warps, stages = kernels.attention_tiles(tactic, dtype == "fp32")
+    block_m, block_n, warps, stages = kernels.attention_tiles(tactic, dtype == "fp32", head_dim)
     pointer = f"*{dtype}"
     signature = {
         "q_ptr": pointer,
@@ -185,8 +292,8 @@ def _compile_attention_here(
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
     }
-    compiled = _compile(kernels.hybrid_attention_kernel, signature, constants, arch, warps, stages)
-    return _ptx_kernel("HybridAttention", compiled, arch, dtype, constants)
+    compiled = _compile(kernels.hybrid_attention_kernel, signature, constants, arch, warps, stages, ptx_version)
+    return _ptx_kernel("HybridAttention", compiled, arch, dtype, constants, len(signature))
 
 
 def compile_specs(specs: list[dict]) -> list[PtxKernel]:
@@ -210,8 +317,9 @@ def compile_specs(specs: list[dict]) -> list[PtxKernel]:
     return [PtxKernel(**k) for k in json.loads(child.stdout)]
 
 
-def adaln_spec(dtype: str, hidden: int, eps: float, layernorm: bool, arch: int) -> dict:
+def adaln_spec(dtype: str, hidden: int, eps: float, layernorm: bool, arch: int, ptx_version: int | None = None) -> dict:
     return {
+        "ptx_version": ptx_version,
         "kernel": "adaln",
         "dtype": dtype,
         "hidden": hidden,
@@ -221,8 +329,17 @@ def adaln_spec(dtype: str, hidden: int, eps: float, layernorm: bool, arch: int) 
     }
 
 
-def attention_spec(dtype: str, head_dim: int, scale: float, tactic: int, key_start_dtype: str, arch: int) -> dict:
+def attention_spec(
+    dtype: str,
+    head_dim: int,
+    scale: float,
+    tactic: int,
+    key_start_dtype: str,
+    arch: int,
+    ptx_version: int | None = None,
+) -> dict:
     return {
+        "ptx_version": ptx_version,
         "kernel": "attention",
         "dtype": dtype,
         "head_dim": head_dim,
@@ -234,24 +351,34 @@ def attention_spec(dtype: str, head_dim: int, scale: float, tactic: int, key_sta
 
 
 @functools.cache
-def compile_adaln(dtype: str, hidden: int, eps: float, layernorm: bool, arch: int = DEFAULT_ARCH) -> PtxKernel:
+def compile_adaln(
+    dtype: str, hidden: int, eps: float, layernorm: bool, arch: int = DEFAULT_ARCH, ptx_version: int | None = None
+) -> PtxKernel:
     """MultimodalAdaLN for one dtype, hidden size and norm mode. Grid: one program per token row;
     scalar: hidden."""
-    return compile_specs([adaln_spec(dtype, hidden, eps, layernorm, arch)])[0]
+    return compile_specs([adaln_spec(dtype, hidden, eps, layernorm, arch, ptx_version)])[0]
 
 
 @functools.cache
 def compile_attention(
-    dtype: str, head_dim: int, scale: float, tactic: int = 1, key_start_dtype: str = "i64", arch: int = DEFAULT_ARCH
+    dtype: str,
+    head_dim: int,
+    scale: float,
+    tactic: int = 1,
+    key_start_dtype: str = "i64",
+    arch: int = DEFAULT_ARCH,
+    ptx_version: int | None = None,
 ) -> PtxKernel:
     """HybridAttention for one dtype, head size and tile tactic (kernels.ATTENTION_TILES).
 
     Grid: (cdiv(groups * Lq, BLOCK_M), B * Hkv); scalars: q_len, k_len, q_heads, kv_heads.
     """
-    return compile_specs([attention_spec(dtype, head_dim, scale, tactic, key_start_dtype, arch)])[0]
+    return compile_specs([attention_spec(dtype, head_dim, scale, tactic, key_start_dtype, arch, ptx_version)])[0]
 
 
-def variants_for_config(config, arch: int = DEFAULT_ARCH, dtypes: Iterable[str] = DTYPES) -> dict[str, dict]:
+def variants_for_config(
+    config, arch: int = DEFAULT_ARCH, dtypes: Iterable[str] = DTYPES, ptx_version: int | None = None
+) -> dict[str, dict]:
     """Every kernel variant the model's graphs can ask for (per stage norm mode and widths, per dtype
     and attention tile), as name -> compile spec."""
     variants: dict[str, dict] = {}
@@ -261,11 +388,11 @@ def variants_for_config(config, arch: int = DEFAULT_ARCH, dtypes: Iterable[str] 
         layernorm = stage_cfg.norm_mode == "layernorm"
         for dtype in dtypes:
             variants[f"adaln_{'ln' if layernorm else 'rms'}_h{hidden}_{dtype}"] = adaln_spec(
-                dtype, hidden, stage_cfg.rms_norm_eps, layernorm, arch
+                dtype, hidden, stage_cfg.rms_norm_eps, layernorm, arch, ptx_version
             )
             for tactic in kernels.ATTENTION_TILES:
                 variants[f"attention_d{head_dim}_t{tactic}_{dtype}"] = attention_spec(
-                    dtype, head_dim, head_dim**-0.5, tactic, "i64", arch
+                    dtype, head_dim, head_dim**-0.5, tactic, "i64", arch, ptx_version
                 )
     return variants
 
@@ -278,17 +405,23 @@ def check_output(out_dir: Path) -> None:
 
 
 def compile_for_config(
-    config, out_dir: Path, arch: int = DEFAULT_ARCH, dtypes: Iterable[str] = DTYPES, log: Callable[[str], None] = print
+    config,
+    out_dir: Path,
+    arch: int = DEFAULT_ARCH,
+    dtypes: Iterable[str] = DTYPES,
+    log: Callable[[str], None] = print,
+    ptx_version: int | None = None,
 ) -> dict:
     """Compile every variant for `arch`, write NAME.ptx files and kernels.json; return the index."""
     out_dir = Path(out_dir)
     check_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    variants = variants_for_config(config, arch, dtypes)
+    variants = variants_for_config(config, arch, dtypes, ptx_version)
     started = time.perf_counter()
     log(f"compiling {len(variants)} kernel variants for sm_{arch} with Triton {triton.__version__}")
     compiled = compile_specs(list(variants.values()))
     index = {"format": INDEX_FORMAT, "arch": f"sm_{arch}", "triton": triton.__version__, "kernels": {}}
+    index["ptx_version"] = compiled[0].ptx_version if compiled else None
     for i, (name, kernel) in enumerate(zip(variants, compiled), 1):
         write_atomic(out_dir / f"{name}.ptx", kernel.ptx)
         index["kernels"][name] = {"file": f"{name}.ptx", **kernel.describe()}

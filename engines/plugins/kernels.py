@@ -184,10 +184,22 @@ def attention_block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16 on tensor cores
 
 
-def attention_tiles(tactic: int, fp32: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a tactic. fp32 tiles are twice the bytes: one
-    pipeline stage keeps head size 128 within 99 KB of shared memory (sm_86/sm_89)."""
+# Shared memory one block may use without the opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize):
+# TensorRT's KernelLaunchParams carries grid, block and shared_mem only, so AOT kernels stay within it.
+SHARED_BUDGET = 48 << 10
+
+
+def attention_tiles(tactic: int, fp32: bool, head_dim: int = 64) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a tactic for a head size. fp32 runs one pipeline
+    stage; the tiles halve (the larger first) until the shared memory they need, estimated as
+    (BLOCK_M + BLOCK_N + 40) rows of BLOCK_D elements, fits `SHARED_BUDGET` (fp32 at head size 128)."""
     block_m, block_n, warps, stages = ATTENTION_TILES[tactic]
+    row_bytes = attention_block_d(head_dim) * (4 if fp32 else 2)
+    while (block_m + block_n + 40) * row_bytes > SHARED_BUDGET and max(block_m, block_n) > 16:
+        if block_n >= block_m:
+            block_n //= 2
+        else:
+            block_m //= 2
     return block_m, block_n, warps, 1 if fp32 else stages
 
 
@@ -263,7 +275,7 @@ def hybrid_attention(
     out = torch.empty_like(query) if output is None else output
     packed_rows = q_heads // kv_heads * q_len
     block_m, block_n, warps, stages = attention_tiles(
-        tactic or attention_tactic(packed_rows), query.dtype == torch.float32
+        tactic or attention_tactic(packed_rows), query.dtype == torch.float32, head_dim
     )
     grid = (triton.cdiv(packed_rows, block_m), batch * kv_heads)
     if out.numel():

@@ -46,6 +46,14 @@ def target_arch() -> int:
     return aot.DEFAULT_ARCH
 
 
+def target_ptx_version() -> int | None:
+    """The PTX ISA the AOT kernels are emitted at: $HAPLO_PTX_VERSION, else the newest this machine's
+    driver JITs, else (no driver) Triton's own choice."""
+    if os.environ.get(aot.PTX_ENV):
+        return aot.parse_ptx_version(os.environ[aot.PTX_ENV])
+    return aot.ptx_version_for(target_arch(), aot.driver_cuda_version())
+
+
 def _triton_dtype(trt, dtype) -> str:
     table = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16", trt.int64: "i64", trt.int32: "i32"}
     if dtype not in table:
@@ -141,7 +149,9 @@ def _define_adaln(trt, trtp) -> None:
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         hidden = _static(x, -1, "MultimodalAdaLN: the hidden size")
-        kernel = aot.compile_adaln(_triton_dtype(trt, x.dtype), hidden, epsilon, bool(layernorm), target_arch())
+        kernel = aot.compile_adaln(
+            _triton_dtype(trt, x.dtype), hidden, epsilon, bool(layernorm), target_arch(), target_ptx_version()
+        )
         launch = trtp.KernelLaunchParams()
         launch.grid_x = x.shape_expr.numel() // hidden  # one program per token row
         launch.block_x = kernel.block_threads
@@ -196,8 +206,10 @@ def _define_attention(trt, trtp) -> None:
         kv_heads = _static(key, 1, "HybridAttention: the KV head count")
         head_dim = _static(query, 3, "HybridAttention: the head size")
         tile = tactic if tactic in kernels.ATTENTION_TILES else 1  # tactic 0: TensorRT's default
+        key_start_dtype = _triton_dtype(trt, key_start.dtype)
+        dtype = _triton_dtype(trt, query.dtype)
         kernel = aot.compile_attention(
-            _triton_dtype(trt, query.dtype), head_dim, scale, tile, _triton_dtype(trt, key_start.dtype), target_arch()
+            dtype, head_dim, scale, tile, key_start_dtype, target_arch(), target_ptx_version()
         )
         q_len, k_len = query.shape_expr[2], key.shape_expr[2]
         launch = trtp.KernelLaunchParams()

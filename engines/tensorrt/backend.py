@@ -9,6 +9,7 @@ import torch
 from haplo.bundle import STAGE_GRAPHS, Bundle, BundleError
 from haplo.engines.graph_backend import GraphBackend
 from haplo.engines.tensorrt.builder import EngineOptions, build_engine, graph_source_sha256, load_metadata
+from haplo.engines.tensorrt.profiles import choose_profile
 from haplo.engines.tensorrt.runner import EngineRunner
 from haplo.engines.tensorrt.status import EngineError, require_tensorrt
 from haplo.model.ops import MASKED_START
@@ -38,6 +39,7 @@ class TensorRTBackend(GraphBackend):
             )
         self.cuda_graphs, self.rebuild = cuda_graphs, rebuild
         self.runners: dict[str, EngineRunner] = {}
+        self.profiles: dict[str, dict] = {}  # graph -> its engine's profiles, as the sidecar records them
         self.slots = {stage: 0 for stage in STAGE_GRAPHS}
 
     def _check_engine(self, graph: str, plan: Path, source: Path) -> None:
@@ -67,6 +69,7 @@ class TensorRTBackend(GraphBackend):
             entry = self.bundle.manifest.engines[graph]
             plan, source = self.bundle.path(entry["file"]), self.bundle.graph_path(graph)
             self._check_engine(graph, plan, source)
+            self.profiles[graph] = load_metadata(plan).profiles
             self.runners[graph] = EngineRunner(plan, cuda_graphs=self.cuda_graphs)
         return self.runners[graph]
 
@@ -93,7 +96,9 @@ class TensorRTBackend(GraphBackend):
             feeds[f"past_key_values.{n}.key"], feeds[f"past_key_values.{n}.value"] = past[2 * i], past[2 * i + 1]
         # Alternate output slots: this call's present must not overwrite the past it reads.
         self.slots[stage] ^= 1
-        out = self.runner(graph)(feeds, profile=1 if hidden.shape[1] == 1 else 0, slot=self.slots[stage])
+        runner = self.runner(graph)
+        profile = choose_profile(self.profiles[graph], {n: tuple(t.shape) for n, t in feeds.items()})
+        out = runner(feeds, profile=profile, slot=self.slots[stage])
         presents = [out[f"present.{n}.{kind}"] for n in layers for kind in ("key", "value")]
         return out["hidden_states_out"].float().cpu(), presents
 

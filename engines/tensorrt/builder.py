@@ -37,6 +37,8 @@ class EngineMetadata:
     profiles: dict = field(default_factory=dict)  # profile name -> input name -> [min, opt, max]
     plugins: list = field(default_factory=list)
     refittable: bool = False
+    cuda_driver: str = ""  # the driver's CUDA version the plugin PTX was emitted for ("" before it was recorded)
+    plugin_ptx_version: str = ""
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
 
@@ -51,7 +53,9 @@ class EngineMetadata:
             return f"built with TensorRT {self.tensorrt_version}, running {trt.__version__}"
         if self.compute_capability != here:
             return f"built for SM {self.compute_capability}, this GPU is SM {here}"
-        return None
+        from haplo.engines.plugins import aot
+
+        return aot.ptx_mismatch(self.plugin_ptx_version, aot.driver_cuda_version())
 
 
 @dataclass
@@ -136,6 +140,20 @@ def _tensor_specs(tensors: list) -> list[dict]:
     return [{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape)} for t in tensors]
 
 
+def _driver_text() -> str:
+    from haplo.engines.plugins import aot
+
+    driver = aot.driver_cuda_version()
+    return "" if driver is None else f"{driver[0]}.{driver[1]}"
+
+
+def _ptx_text() -> str:
+    from haplo.engines.plugins.tensorrt_plugins import target_ptx_version
+
+    version = target_ptx_version()
+    return "" if version is None else f"{version // 10}.{version % 10}"
+
+
 def _engine_metadata(
     trt, graph: str, onnx_path: Path, precision: str, network, profiles: dict, plugins: list, refit: bool
 ) -> EngineMetadata:
@@ -150,6 +168,8 @@ def _engine_metadata(
         profiles={p: {n: [list(s) for s in v] for n, v in shapes.items()} for p, shapes in profiles.items()},
         plugins=plugins,
         refittable=refit,
+        cuda_driver=_driver_text(),
+        plugin_ptx_version=_ptx_text(),
         inputs=_tensor_specs([network.get_input(i) for i in range(network.num_inputs)]),
         outputs=_tensor_specs([network.get_output(i) for i in range(network.num_outputs)]),
     )

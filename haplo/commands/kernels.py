@@ -35,6 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=Path("kernels"),
         help="output directory: new, empty, or kernels this command wrote (default: %(default)s)",
     )
+    ptx = parser.add_mutually_exclusive_group()
+    ptx.add_argument(
+        "--ptx-version", help="PTX ISA to emit, MAJOR.MINOR (default: what this driver JITs, else Triton's)"
+    )
+    ptx.add_argument("--cuda-driver", help="emit the PTX a driver of this CUDA version JITs, e.g. 12.4")
     parser.add_argument("--json", action="store_true", help="print the index as JSON")
     parser.set_defaults(handler=run)
     return parser
@@ -51,11 +56,24 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--dtypes {args.dtypes!r}: choose from {', '.join(aot.DTYPES)}")
     aot.check_output(args.out)
     try:
+        ptx_version = _ptx_version(aot, args)
         index = aot.compile_for_config(
-            load_config(args), args.out, args.arch, dtypes, log=(lambda _: None) if args.json else print
+            load_config(args), args.out, args.arch, dtypes, (lambda _: None) if args.json else print, ptx_version
         )
     except aot.KernelCompileError as err:
         raise UsageError(str(err)) from None
     if args.json:
         print(json.dumps(index, indent=2))
     return index
+
+
+def _ptx_version(aot, args: argparse.Namespace) -> int | None:
+    """--ptx-version, else the ISA of --cuda-driver, else of this machine's driver (None: none here)."""
+    if args.ptx_version:
+        return aot.parse_ptx_version(args.ptx_version)
+    if args.cuda_driver:
+        major, _, minor = args.cuda_driver.partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            raise UsageError(f"--cuda-driver {args.cuda_driver!r}: give MAJOR.MINOR, e.g. 12.4")
+        return aot.ptx_version_for(args.arch, (int(major), int(minor)))
+    return aot.ptx_version_for(args.arch, aot.driver_cuda_version())
