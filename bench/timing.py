@@ -93,6 +93,7 @@ class TimedBackend(Backend):
     def __init__(self, inner: Backend):
         self.inner = inner
         self.name, self.config = inner.name, inner.config
+        self.cache_element_size = inner.cache_element_size
         self.totals: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
 
@@ -112,6 +113,15 @@ class TimedBackend(Backend):
     def _call(self, method: str, *args):
         with self._timed(PHASES[method]):
             return getattr(self.inner, method)(*args)
+
+    def decode_batch(self):
+        return self.inner.decode_batch()
+
+    def cache_tensors(self, past):
+        return self.inner.cache_tensors(past)
+
+    def cache_from_tensors(self, tensors):
+        return self.inner.cache_from_tensors(tensors)
 
     def embed_text(self, input_ids):
         return self._call("embed_text", input_ids)

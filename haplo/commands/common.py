@@ -188,8 +188,7 @@ def _bundle_backend(args: argparse.Namespace):
             f"{args.bundle} has no TensorRT engines; rebuild it with --target tensorrt on a "
             "machine with an NVIDIA GPU, or use --backend onnxruntime"
         )
-    spinning = getattr(args, "spinning", True)  # haplo-serve: False
-    return backend or OrtBackend(bundle, intra_op_threads=args.threads, spinning=spinning), bundle
+    return backend or OrtBackend(bundle, intra_op_threads=args.threads), bundle
 
 
 def load_backend(args: argparse.Namespace, need_vae: bool = True) -> tuple[Any, Any]:

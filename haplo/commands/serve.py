@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens prefilled between two decode steps (bounds the running rows' stall; default: 1024)",
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.set_defaults(spinning=False, handler=serve)  # ONNX Runtime threads sleep between runs (see OrtBackend)
+    parser.set_defaults(handler=serve)
     return parser
 
 

@@ -75,6 +75,11 @@ class Backend(ABC):
         """The inverse of `cache_tensors`: the backend's own cache object."""
         return [(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)]
 
+    def decode_batch(self):
+        """A backend's own running-batch store for the scheduler (add / keep / step, see
+        `haplo.runtime.batching.PaddedBatch`), or None: rows padded and joined through `run_stage`."""
+        return None
+
     def keep_cache(self, past):
         """A cache that later calls reuse many times (the text prefix); backends that recycle output
         buffers copy it out here."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from haplo.model.config import STAGES
 from haplo.model.ops import MASKED_START
 from haplo.runtime.backend import Backend
-from haplo.runtime.decoding import DecodeState
+from haplo.runtime.decoding import DecodeState, decode_step
 
 
 def _shift(key_start: torch.Tensor, by: int) -> torch.Tensor:
@@ -93,3 +93,36 @@ def kv_bytes_per_token(backend: Backend) -> int:
         cfg = backend.config.stages[stage]
         total += 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * backend.cache_element_size
     return total
+
+
+class PaddedBatch:
+    """The running decode batch of any backend: one `DecodeState`, rows aligned by left padding.
+
+    The scheduler's batch protocol (a backend may give its own through `Backend.decode_batch`):
+    `add` a prefilled one-row state, `keep` rows, `step` one token per row (-> logits [rows, vocab]),
+    `rows`, `length` (cache slots per row), `cache_bytes`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.state = DecodeState()
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.state.key_start is None else self.state.key_start.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.state.length
+
+    def cache_bytes(self) -> int:
+        return cache_bytes(self.backend, self.state)
+
+    def add(self, state: DecodeState) -> None:
+        self.state = state if not self.rows else merge(self.backend, [self.state, state])
+
+    def keep(self, rows: list[int]) -> None:
+        self.state = select(self.backend, self.state, rows) if rows else DecodeState()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits, self.state = decode_step(self.backend, tokens, self.state)
+        return logits

@@ -147,6 +147,11 @@ def understand(
         "pixel_values_videos": pixel_values_videos,
     }
     logits, state = prefill(backend, inputs)
+    # one unpadded row: the backend's own in-place decode batch where it has one (ONNX Runtime)
+    unpadded = attention_mask is None or bool(attention_mask.all())
+    batch = backend.decode_batch() if input_ids.shape[0] == 1 and unpadded else None
+    if batch is not None:
+        batch.add(state)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     stop = torch.tensor(params.stop_token_ids, dtype=torch.long)
     new_tokens, step_logits = [], []
@@ -159,6 +164,9 @@ def understand(
         finished |= torch.isin(token, stop)
         if bool(finished.all()) or step == params.max_new_tokens - 1:
             break
-        logits, state = decode_step(backend, token, state, live=~finished)
+        if batch is not None:
+            logits = batch.step(token)
+        else:
+            logits, state = decode_step(backend, token, state, live=~finished)
     new = torch.stack(new_tokens, dim=1)
     return DecodeOutput(torch.cat([input_ids, new], dim=1), new, step_logits)

@@ -35,7 +35,7 @@ from haplo.errors import HaploError, RequestError
 from haplo.runtime import batching
 from haplo.runtime.backend import Backend
 from haplo.runtime.ddim import encode_prompt, make_scheduler, predict_v
-from haplo.runtime.decoding import DecodeState, check_prompt_length, decode_step, prefill
+from haplo.runtime.decoding import DecodeState, check_prompt_length, prefill
 from haplo.runtime.requests import TextStream, VideoJob, VideoRequest
 from haplo.runtime.sampling import SamplingParams, next_token
 
@@ -111,7 +111,7 @@ class Scheduler:
         self._waiting_videos: list[VideoJob] = []
         self._rows: list[_Row] = []
         self._prefilled = 0  # prompt tokens prefilled in this step
-        self._state = DecodeState()
+        self._batch = self._new_batch()
         self._videos: list[_VideoRow] = []
         self._prefix = DecodeState()
         self._durations: list[float] = []  # recent request durations, for Retry-After
@@ -120,6 +120,10 @@ class Scheduler:
         if start:
             self._thread = threading.Thread(target=self._loop, name="haplo-scheduler", daemon=True)
             self._thread.start()
+
+    def _new_batch(self):
+        """The backend's own batch store (ONNX Runtime: caches updated in place), else padded rows."""
+        return self.backend.decode_batch() or batching.PaddedBatch(self.backend)
 
     # -- submitting -------------------------------------------------------------------------------
     def submit(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> TextStream:
@@ -169,7 +173,7 @@ class Scheduler:
         """A snapshot: queue depth, running rows and jobs, KV-cache bytes in use."""
         with self._wake:
             waiting, waiting_videos = len(self._waiting), len(self._waiting_videos)
-        kv = batching.cache_bytes(self.backend, self._state) + batching.cache_bytes(self.backend, self._prefix)
+        kv = self._batch.cache_bytes() + batching.cache_bytes(self.backend, self._prefix)
         return {
             "queue_depth": waiting + waiting_videos,
             "waiting_chat": waiting,
@@ -240,7 +244,7 @@ class Scheduler:
             return False
         if self.config.max_kv_bytes is None or not self._rows:
             return True  # alone, submit already checked it fits
-        length = max(self._state.length, stream.prompt_tokens)
+        length = max(self._batch.length, stream.prompt_tokens)
         remaining = max([r.remaining for r in self._rows] + [stream.params.max_new_tokens])
         return rows * (length + remaining) * self._bytes_per_token <= self.config.max_kv_bytes
 
@@ -254,7 +258,7 @@ class Scheduler:
                 self._end(stream, "failed", err)
                 continue
             if row is not None:
-                self._state = state if not self._rows else batching.merge(self.backend, [self._state, state])
+                self._batch.add(state)
                 self._rows.append(row)
 
     def _prefill(self, stream: TextStream) -> tuple[_Row | None, DecodeState]:
@@ -291,11 +295,11 @@ class Scheduler:
             return
         tokens = torch.tensor([r.pending for r in self._rows], dtype=torch.long)
         try:
-            logits, self._state = decode_step(self.backend, tokens, self._state)
+            logits = self._batch.step(tokens)
         except Exception as err:
             for row in self._rows:
                 self._end(row.stream, "failed", err)
-            self._rows, self._state = [], DecodeState()
+            self._rows, self._batch = [], self._new_batch()
             return
         for i, row in enumerate(self._rows):
             before = row.stream.timings.tokens[-1]
@@ -312,7 +316,7 @@ class Scheduler:
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]
-        self._state = batching.select(self.backend, self._state, keep) if keep else DecodeState()
+        self._batch.keep(keep)
 
     def _end(self, handle, status: str, error: BaseException | None = None) -> None:
         if isinstance(handle, TextStream) and handle.finish_reason is None:
