@@ -186,6 +186,20 @@ def summarise(records: list[dict], clients: int) -> dict:
     }
 
 
+def server_tpot(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's own TPOT histogram: the time between two tokens of a row as the
+    scheduler hands them out, before any HTTP."""
+    import httpx2 as httpx
+
+    page = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
+    values = {}
+    for line in page.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("haplo_time_per_output_token_seconds_sum", "haplo_time_per_output_token_seconds_count"):
+            values[name.rsplit("_", 1)[1]] = float(value)
+    return values.get("sum", 0.0), values.get("count", 0.0)
+
+
 # -- video load --------------------------------------------------------------------------------
 
 
@@ -234,10 +248,14 @@ def run_serving_benchmark(options: ServeBenchOptions, log: Callable[[str], None]
             answers[record["prompt"]] = record["text"]
         for clients in options.clients:
             log(f"{clients} concurrent client(s) x {options.requests_per_client} requests")
+            before = server_tpot(server.url)
             records = asyncio.run(
                 _level(server.url, model, prompts, clients, options.requests_per_client, options.new_tokens)
             )
+            after = server_tpot(server.url)
             level = summarise(records, clients)
+            count = after[1] - before[1]
+            level["scheduler_tpot_ms_mean"] = round(1000 * (after[0] - before[0]) / count, 3) if count else None
             level["answers_identical_to_alone"] = all(r["text"] == answers[r["prompt"]] for r in records)
             levels.append(level)
         log(f"video: 1 job, then {options.video_jobs} concurrent jobs of {options.video_steps} steps")
@@ -276,7 +294,8 @@ def table(doc: dict) -> str:
         f"{m['logical_cores']} logical cores; {s['new_tokens']} new tokens per request",
         "",
         f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'x one':>6} {'req/s':>7} "
-        f"{'TTFT p50/p90/p99 ms':>22} {'TPOT p50/p90/p99 ms':>22} {'p99 TPOT x':>10} {'same text':>9}",
+        f"{'TTFT p50/p90/p99 ms':>22} {'TPOT p50/p90/p99 ms':>22} {'p99 TPOT x':>10} {'same text':>9} "
+        f"{'sched TPOT':>10}",
     ]
     for lv in doc["chat"]:
         ttft = "/".join(f"{lv['ttft_ms'][p]:.0f}" for p in ("p50", "p90", "p99"))
@@ -285,15 +304,21 @@ def table(doc: dict) -> str:
             f"{lv['clients']:>7} {lv['requests']:>8} {lv['tokens_per_s']:>8.1f} "
             f"{lv['tokens_per_s_vs_one_client']:>6.2f} "
             f"{lv['requests_per_s']:>7.2f} {ttft:>22} {tpot:>22} {lv['p99_tpot_vs_one_client']:>10.2f} "
-            f"{'yes' if lv['answers_identical_to_alone'] else 'NO':>9}"
+            f"{'yes' if lv['answers_identical_to_alone'] else 'NO':>9} "
+            f"{_ms(lv.get('scheduler_tpot_ms_mean')):>10}"
         )
     v = doc["video"]
     lines += [
+        "sched TPOT: the server's own mean time between two tokens of a row (scheduler, before HTTP)",
         "",
         f"video: 1 job of {v['steps']} DDIM steps {v['one_job_s']:.2f} s; {v['jobs']} concurrent jobs "
         f"{v['concurrent_jobs_s']:.2f} s ({v['concurrent_vs_one']:.2f}x one job)",
     ]
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 def write_outputs(doc: dict, out: Path) -> dict[str, Path]:

@@ -350,6 +350,7 @@ def test_bench_serve_writes_its_results_and_checks_answers(cli_bundle, tmp_path,
     for level in doc["chat"]:
         assert level["answers_identical_to_alone"] and level["generated_tokens"] == 4 * level["requests"]
         assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"] and level["tokens_per_s"] > 0
+        assert level["scheduler_tpot_ms_mean"] > 0  # read off the server's /metrics around the level
     assert doc["video"]["jobs"] == 2 and doc["video"]["concurrent_jobs_s"] > 0
     assert "same text" in capsys.readouterr().out and (out / "table.txt").exists()
     assert main(argv) == 0  # its own results directory may be written again
