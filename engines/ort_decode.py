@@ -137,7 +137,7 @@ class SlotBatch:
         return max(self.lengths, default=0)
 
     def cache_bytes(self) -> int:
-        return sum(b.nbytes for buffers in self.buffers.values() for b in buffers)
+        return sum(b.nbytes for buffers in list(self.buffers.values()) for b in buffers)  # read from other threads
 
     def _reserve(self, rows: int, length: int) -> None:
         """Buffers for at least `rows` rows of `length` slots (doubling, the filled part copied over)."""
@@ -179,6 +179,8 @@ class SlotBatch:
                         buffer[target, :, :length] = buffer[source, :, :length]
         self.lengths = [self.lengths[r] for r in rows]
         self.positions = [self.positions[r] for r in rows]
+        if not rows:
+            self.buffers = {}  # an idle batch holds no memory
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row through every stage: next-token logits [rows, vocab]."""

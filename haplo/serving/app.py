@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -45,6 +46,9 @@ class Server:
         self.scheduler, self.processor, self.config, self.metrics = scheduler, processor, config, metrics
         self.pipeline = TextToVideoPipeline(scheduler.backend, processor)
         self.jobs: OrderedDict[str, tuple[VideoJob, dict]] = OrderedDict()
+        # A fast tokenizer is one Rust object: encoding (which sets padding) and decoding from several
+        # threads at once can collide ("Already borrowed"), so they take turns.
+        self.tokenizer_lock = threading.Lock()
         self.created = int(time.time())
 
     # -- chat -------------------------------------------------------------------------------------
@@ -88,7 +92,8 @@ class Server:
         chat, images, videos = self.conversation(request.messages)
         if len({v.shape[0] for v in videos}) > 1:
             raise ApiError(400, "all videos of one request need the same number of frames", "messages")
-        inputs = self.processor(conversations=[chat], images=images or None, videos=videos or None)
+        with self.tokenizer_lock:
+            inputs = self.processor(conversations=[chat], images=images or None, videos=videos or None)
         limit = self.scheduler.backend.config.base.max_position_embeddings
         prompt = int(inputs["input_ids"].shape[1])
         new = request.new_tokens or max(1, min(self.config.default_max_tokens, limit - prompt))
@@ -118,7 +123,7 @@ class Server:
             "width": width or gen.width,
         }
         job = self.scheduler.submit_video(
-            self.pipeline.request(
+            self._video_request(
                 request.prompt,
                 request.negative_prompt,
                 request.steps,
@@ -133,6 +138,14 @@ class Server:
         self.jobs[job.id] = (job, info)
         self._forget_old_jobs()
         return self.describe(job, info)
+
+    def _video_request(self, *args):
+        with self.tokenizer_lock:
+            return self.pipeline.request(*args)
+
+    def decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.processor.decode(ids, skip_special_tokens=True)
 
     def _forget_old_jobs(self) -> None:
         finished = [key for key, (job, _) in self.jobs.items() if job.done]
@@ -304,7 +317,7 @@ def create_app(scheduler: Scheduler, processor, config: ServerConfig | None = No
         chat = parse(ChatRequest, await body_of(request))
         assert isinstance(chat, ChatRequest)
         stream = await asyncio.to_thread(server.submit_chat, chat)  # media decoding stays off the event loop
-        text = TextAssembler(lambda ids: processor.decode(ids, skip_special_tokens=True), chat.stop)
+        text = TextAssembler(server.decode, chat.stop)
         if chat.stream:
             include = chat.stream_options is None or chat.stream_options.include_usage
             return StreamingResponse(sse(server, stream, text, include), media_type="text/event-stream")
