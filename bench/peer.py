@@ -30,7 +30,8 @@ from haplo.bench.timing import stats
 from haplo.errors import HaploError
 
 NAME = "onnxruntime-genai"
-PRECISIONS = {"fp32": "fp32", "int8": "int8"}  # our precision -> the builder's (int8: weight-only)
+# our precision -> the builder's (its int8 and int4 are weight-only, MatMulNBits)
+PRECISIONS = {"fp32": "fp32", "int8": "int8", "int8-weight": "int8", "int4": "int4"}
 MARKER = "peer.json"
 
 
@@ -165,7 +166,7 @@ def compare(entries: list[dict], results: dict[str, dict]) -> dict:
     a ratio above 1 means ours is slower."""
     ratios = {}
     for entry in entries:
-        peer = results.get("fp32" if entry["backend"].startswith("torch") else entry["precision"])
+        peer = results.get("fp32" if entry["backend"].startswith("torch") else PRECISIONS.get(entry["precision"], ""))
         if entry["status"] != "ok" or not peer or peer.get("status") != "ok":
             continue
         ours, theirs = entry["understanding"], peer

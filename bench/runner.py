@@ -143,14 +143,16 @@ def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = Non
 
 
 def _peer(run: _Run, entries: list[dict]) -> dict:
-    """ONNX Runtime GenAI on a Qwen2 of our decode-step bytes, fp32 (+ int8 weight-only when int8 is
-    asked for), same threads, prompt length and new tokens; and our times over its."""
+    """ONNX Runtime GenAI on a Qwen2 of our decode-step bytes, fp32 (+ its weight-only int8 when int8 or
+    int8-weight is asked for, int4 for int4), same threads, prompt length and new tokens; and our times
+    over its."""
     from haplo.bench import peer
 
     version = peer.require()
     ours = torch_decode_weight_bytes(run.model)
     spec = peer.peer_spec(run.config, ours)
-    results = {p: _peer_result(run, spec, p) for p in peer.PRECISIONS if p == "fp32" or p in run.options.precisions}
+    wanted = {"fp32"} | {peer.PRECISIONS[p] for p in run.options.precisions if p in peer.PRECISIONS}
+    results = {p: _peer_result(run, spec, p) for p in ("fp32", "int8", "int4") if p in wanted}
     return {
         "name": peer.NAME,
         "version": version,

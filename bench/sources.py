@@ -17,7 +17,7 @@ from haplo.errors import HaploError
 from haplo.model.config import STAGES
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int8-weight", "int4")
 
 
 class SourceError(HaploError, ValueError):

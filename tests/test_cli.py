@@ -96,8 +96,12 @@ BAD_INPUT = [
     (["build", "--out", "{FILE}/sub/bundle"], "cannot create it"),
     (["build", "--frames", "5", "--out", "b"], "use 1 or 9"),
     (["build", "--height", "72", "--out", "b"], "multiples of 16"),
-    (["build", "--precision", "int4", "--out", "b"], "invalid choice: 'int4'"),
+    (["build", "--precision", "int2", "--out", "b"], "invalid choice: 'int2'"),
     (["build", "--int8-weights", "half", "--out", "b"], "invalid choice: 'half'"),
+    (
+        ["build", "--precision", "int4", "--target", "tensorrt", "--no-engines", "--out", "b"],
+        "weight-only ONNX Runtime (MatMulNBits), which TensorRT does not run",
+    ),
     (["build", "--graph-precision", "lm_head", "--out", "b"], "expected GRAPH=PRECISION"),
     (["build", "--graph-precision", "decoder=fp32", "--precision", "int8", "--out", "b"], "unknown graph(s) decoder"),
     (["build", "--quant-min-cosine", "2", "--out", "b"], "--quant-min-cosine: 2.0 is out of range"),

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from haplo.cpuinfo import SATURATION_FREE_WEIGHT_MAX, cpu_info
 from haplo.errors import HaploError
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-QUANTIZED = ("int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int8-weight", "int4")
+QUANTIZED = ("int8", "fp8")  # Q/DQ: weights and activations (calibrated ranges)
+# Weight-only, ONNX Runtime's MatMulNBits: weight bits; blocks of WEIGHT_BLOCK along the input axis,
+# symmetric, activations quantized per block at run time (accuracy level 4, int8 dot products).
+WEIGHT_ONLY = {"int8-weight": 8, "int4": 4}
+WEIGHT_BLOCK = 32
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 INT8_MAX = 127.0
 INT8_WEIGHT_RANGES = ("auto", "full", "reduced")

@@ -12,7 +12,9 @@ the U8S8 pattern ONNX Runtime's x86 kernels fuse into integer matmuls).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from haplo.export.graphs import save_graph
-from haplo.export.quantize.policy import ALWAYS_FP32, FP8_MAX, INT8_MAX, QUANTIZED
+from haplo.export.quantize.policy import ALWAYS_FP32, FP8_MAX, INT8_MAX, QUANTIZED, WEIGHT_BLOCK, WEIGHT_ONLY
 
 
 def _module_of(node: onnx.NodeProto) -> str | None:
@@ -119,6 +121,8 @@ def rewrite_graph(
     """Rewrite every weight MatMul of `model` in place to `precision`. Returns what was done."""
     if precision == "fp32":
         return {"matmuls": 0}
+    if precision in WEIGHT_ONLY:
+        return _weight_only(model, precision, exclude)
     rewrite = _Rewrite(precision, flavor, int8_max)
     inits = {t.name: t for t in model.graph.initializer}
     patterns = [re.compile(p) for p in exclude]
@@ -137,6 +141,59 @@ def rewrite_graph(
         rewrite.matmul(node, numpy_helper.to_array(weight), rng)
         rewrite.done.append(module)
     return rewrite.apply(model)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _weight_only(model: onnx.ModelProto, precision: str, exclude: tuple[str, ...]) -> dict:
+    """Weight MatMuls to ONNX Runtime's MatMulNBits (its own quantizer), but those kept in fp32."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for handler in [h for h in root.handlers if h not in handlers]:  # its import configures logging at INFO
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+    patterns = [re.compile(p) for p in exclude]
+    kept = [
+        node
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and (
+            any(k in (_module_of(node) or "") for k in ALWAYS_FP32)
+            or any(p.search(_module_of(node) or "") for p in patterns)
+        )
+    ]
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=WEIGHT_ONLY[precision],
+        block_size=WEIGHT_BLOCK,
+        is_symmetric=True,
+        accuracy_level=4,
+        nodes_to_exclude=[n.name for n in kept],
+    )
+    kept_modules = sorted({_module_of(n) or n.name for n in kept})  # before the graph is replaced
+    with _quiet("onnxruntime.quantization", "onnx_ir"):  # both log every node at INFO
+        quantizer.process()
+    model.CopyFrom(quantizer.model.model)
+    done = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+    return {
+        "matmuls": done,
+        "kept_fp32": kept_modules,
+        "weight_bits": WEIGHT_ONLY[precision],
+        "block_size": WEIGHT_BLOCK,
+    }
 
 
 class _Rewrite:

@@ -44,7 +44,7 @@ def _add_target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "fp16", "bf16", "int8", "fp8"],
+        choices=["fp32", "fp16", "bf16", "int8", "fp8", "int8-weight", "int4"],
         help="precision of the decoder graphs (Q/DQ for int8/fp8, casts for fp16/bf16); heads, "
         "embeddings and the VAE stay fp32 unless --graph-precision says otherwise (default: fp32)",
     )
@@ -160,6 +160,8 @@ def _tensorrt_status() -> tuple[bool, str]:
 def _target(args: argparse.Namespace) -> tuple[str, str]:
     """(target, reason): `--target`, with auto resolved by whether TensorRT is usable here."""
     usable, reason = _tensorrt_status()
+    if args.target == "auto" and args.precision in ("int8-weight", "int4"):
+        return "onnxruntime", f"--precision {args.precision} is ONNX Runtime's weight-only MatMulNBits"
     if args.target == "auto":
         return ("tensorrt" if usable else "onnxruntime"), reason
     if args.target == "tensorrt" and not usable and not args.no_engines:
@@ -168,6 +170,16 @@ def _target(args: argparse.Namespace) -> tuple[str, str]:
             "use --target onnxruntime (or auto) on this machine"
         )
     return args.target, reason
+
+
+def _check_weight_only(target: str, precisions: set[str]) -> None:
+    """int8-weight and int4 are ONNX Runtime's MatMulNBits, which TensorRT does not run."""
+    weight_only = sorted(precisions & {"int8-weight", "int4"})
+    if target == "tensorrt" and weight_only:
+        raise UsageError(
+            f"--precision {weight_only[0]} is weight-only ONNX Runtime (MatMulNBits), which TensorRT does not run; "
+            "use --target onnxruntime, or int8 / fp8 for TensorRT"
+        )
 
 
 def _graph_precisions(args: argparse.Namespace) -> dict[str, str]:
@@ -275,6 +287,7 @@ def run(args: argparse.Namespace) -> dict:
     vae = None if args.no_vae else vae_for_checkpoint(args.checkpoint, config, args.vae)
     overrides = _graph_precisions(args)  # a malformed GRAPH=PRECISION is reported before the TensorRT check
     target, reason = _target(args)
+    _check_weight_only(target, {args.precision, *overrides.values()})
     options = _options(args, video, target, overrides)
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     tokenizer = load_tokenizer_for(args, config)
