@@ -393,7 +393,7 @@ def graph_runner(monkeypatch):
     runner.inputs, runner.outputs = ["x", "past"], ["y"]
     runner.dtypes = {"x": torch.float32, "past": torch.float32, "y": torch.float32}
     runner.arenas, runner.profiles, runner.cuda_graphs = {}, {}, True
-    runner.graphs, runner.first_call = runner_module.OrderedDict(), {}
+    runner.graphs, runner.first_call = runner_module.OrderedDict(), runner_module.OrderedDict()
     return runner
 
 
@@ -429,3 +429,6 @@ def test_the_graph_cache_is_bounded(graph_runner):
             graph_runner({"x": torch.zeros(length, 4), "past": past}, profile=1)
     assert len(graph_runner.graphs) == MAX_GRAPHS
     assert min(key[2][0] for key in graph_runner.graphs) == 4  # the least recently used went first
+    for length in range(100, 100 + 10 * MAX_GRAPHS):  # prefills: every shape once
+        graph_runner({"x": torch.zeros(length, 4), "past": past}, profile=0)
+    assert len(graph_runner.first_call) <= 8 * MAX_GRAPHS and len(graph_runner.graphs) == MAX_GRAPHS

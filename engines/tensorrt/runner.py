@@ -75,7 +75,8 @@ class EngineRunner:
         self.profiles: dict[int, int] = {}  # id(context) -> its optimisation profile
         self.cuda_graphs = cuda_graphs
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self.first_call: dict[tuple, dict[str, int]] = {}  # key -> input addresses of its first call
+        # key -> input addresses of its first call; shapes seen once (prefills) age out
+        self.first_call: OrderedDict[tuple, dict[str, int]] = OrderedDict()
 
     def select_profile(self, index: int, context=None) -> None:
         context = context or self.context
@@ -140,6 +141,8 @@ class EngineRunner:
         if key not in self.graphs:
             first = self.first_call.setdefault(key, addresses)
             if first is addresses:
+                while len(self.first_call) > 8 * MAX_GRAPHS:
+                    self.first_call.popitem(last=False)
                 return None  # a shape seen once (a prefill) is not worth a graph
             del self.first_call[key]
             self.graphs[key] = self._capture(feeds, profile, {n for n in feeds if first[n] == addresses[n]})

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -92,7 +92,6 @@ class _VideoRow:
     job: VideoJob
     ddim: CogVideoXDDIMScheduler  # the job's own: its timesteps and step rule
     latents: torch.Tensor
-    timesteps: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
 class Scheduler:
@@ -310,7 +309,6 @@ class Scheduler:
         """Finished and cancelled rows leave the batch (and their cache slots) now."""
         for row in self._rows:
             if row.stream.cancelled and not row.stream.done:
-                row.stream.finish_reason = "cancelled"
                 self._end(row.stream, "cancelled")
         keep = [i for i, r in enumerate(self._rows) if not r.stream.done]
         if len(keep) == len(self._rows):
@@ -348,7 +346,7 @@ class Scheduler:
         ddim = make_scheduler(self.backend.config.video_generation)
         ddim.set_timesteps(request.steps)
         prefix = encode_prompt(self.backend, request.input_ids, request.attention_mask)
-        return _VideoRow(job, ddim, request.noise * ddim.init_noise_sigma, ddim.timesteps), prefix
+        return _VideoRow(job, ddim, request.noise * ddim.init_noise_sigma), prefix
 
     def _denoise(self) -> None:
         self._drop_videos()
@@ -371,7 +369,7 @@ class Scheduler:
     def _guided_step(self) -> None:
         """Every running job one DDIM step, in one CFG batch [neg_1, pos_1, neg_2, pos_2, ...]."""
         latents = torch.cat([torch.cat([r.latents, r.latents]) for r in self._videos])
-        steps = [r.timesteps[r.job.step] for r in self._videos]
+        steps = [r.ddim.timesteps[r.job.step] for r in self._videos]
         timestep = torch.stack([t for t in steps for _ in range(2)]).long()
         v = predict_v(self.backend, latents, timestep, prefix=self._prefix).float()
         for i, (row, t) in enumerate(zip(self._videos, steps)):

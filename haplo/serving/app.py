@@ -213,15 +213,11 @@ def usage(stream: TextStream) -> dict:
     return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": n, "total_tokens": stream.prompt_tokens + n}
 
 
-def chunk(completion_id: str, model: str, created: int, delta: dict, finish: str | None = None) -> str:
-    body = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
-    return f"data: {json.dumps(body)}\n\n"
+def chunk(completion_id: str, model: str, created: int, delta: dict | None, finish: str | None = None, **extra) -> str:
+    """One SSE event of a chat.completion.chunk: a delta (None: no choices, as the usage chunk has)."""
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    return f"data: {json.dumps({**body, **extra})}\n\n"
 
 
 def finish_reason(stream: TextStream, text: TextAssembler) -> str:
@@ -256,8 +252,7 @@ async def sse(server: Server, stream: TextStream, text: TextAssembler, include_u
             yield chunk(completion_id, model, created, {"content": rest})
         yield chunk(completion_id, model, created, {}, finish_reason(stream, text))
         if include_usage:
-            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-            yield f"data: {json.dumps({**body, 'choices': [], 'usage': usage(stream)})}\n\n"
+            yield chunk(completion_id, model, created, None, usage=usage(stream))
         yield "data: [DONE]\n\n"
     finally:
         stream.cancel()  # the client disconnected, or a stop string ended it: free the batch row
