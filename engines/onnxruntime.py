@@ -13,19 +13,28 @@ import torch
 from haplo.bundle import STAGE_GRAPHS, Bundle, BundleError
 from haplo.cpuinfo import cpu_info
 from haplo.engines.graph_backend import GraphBackend
+from haplo.errors import HaploError
 
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+# When idle intra-op threads spin: never, only within a run, or also between runs (ONNX Runtime's own).
+SPINNING = ("off", "run", "on")
 
 
 def session_options(
     intra_op_threads: int | None = None,
     inter_op_threads: int | None = None,
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    spinning: bool = False,
+    spinning: str = "run",
 ):
+    if spinning not in SPINNING:
+        raise HaploError(f"spinning={spinning!r}: choose one of {', '.join(SPINNING)}")
     options = ort.SessionOptions()
-    if not spinning:  # idle intra-op threads sleep instead of spinning: other work shares the cores
+    if spinning == "off":  # idle intra-op threads sleep at once: other work shares the cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spinning == "run":  # they spin between the nodes of a run and stop when it ends
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     if inter_op_threads:
@@ -64,12 +73,14 @@ class OrtBackend(GraphBackend):
         inter_op_threads: int | None = None,
         providers: list[str] | None = None,
         optimization: ort.GraphOptimizationLevel | None = None,
-        spinning: bool = False,
+        spinning: str = "run",
     ):
-        """`spinning` (off by default): whether idle intra-op threads spin between runs. The runtime's own
-        tensor work (PyTorch's threads), a server's event loop and its clients share the cores between
-        runs; on a 2-core AMD EPYC (AVX-512) spinning made haplo-mini's decode step 3.7x and its
-        prefill 3.4x slower, and halved a server's batched throughput."""
+        """`spinning`: when idle intra-op threads spin (`SPINNING`). "run", the default, spins between
+        the nodes of a run, where a sleeping thread would be woken hundreds of times per decode step,
+        and stops at its end: the runtime's own tensor work (PyTorch's threads), a server's event loop
+        and its clients share the cores between runs. On a 2-core AMD EPYC (AVX-512) spinning between
+        runs too ("on") made haplo-mini's decode step 3.7x and its prefill 3.4x slower, and halved a
+        server's batched throughput."""
         super().__init__(bundle)
         self.providers = providers or ["CPUExecutionProvider"]
         if optimization is None:  # quantized bundles record the level their Q/DQ graphs need
@@ -79,7 +90,7 @@ class OrtBackend(GraphBackend):
             check_int8_cpu(self.bundle, optimization)
         self.options = session_options(intra_op_threads, inter_op_threads, optimization, spinning)
         self.sessions: dict[str, ort.InferenceSession] = {}
-        self.decode_sessions: dict[str, ort.InferenceSession] = {}
+        self._decode_session: ort.InferenceSession | None = None
         self.optimization, self.spinning = optimization, spinning
         self.intra_op_threads, self.inter_op_threads = intra_op_threads, inter_op_threads
 
@@ -91,15 +102,16 @@ class OrtBackend(GraphBackend):
             )
         return self.sessions[graph]
 
-    def decode_session(self, stage: str) -> ort.InferenceSession:
-        """The stage's one-token graph over in-place caches (`haplo.engines.ort_decode`), made on first use."""
-        if stage not in self.decode_sessions:
-            from haplo.engines.ort_decode import decode_session
+    def decode_session(self) -> ort.InferenceSession:
+        """The one-token step over in-place caches, embedding to logits in one graph
+        (`haplo.engines.ort_decode.stack_graph`), made on first use."""
+        if self._decode_session is None:
+            from haplo.engines.ort_decode import decode_stack_session
 
             options = session_options(self.intra_op_threads, self.inter_op_threads, self.optimization, self.spinning)
-            path = self.bundle.graph_path(STAGE_GRAPHS[stage])
-            self.decode_sessions[stage] = decode_session(path, self.config.stages[stage], options, self.providers)
-        return self.decode_sessions[stage]
+            paths = {name: self.bundle.graph_path(name) for name in ("embed_text", "lm_head", *STAGE_GRAPHS.values())}
+            self._decode_session = decode_stack_session(paths, self.config, options, self.providers)
+        return self._decode_session
 
     def decode_batch(self):
         """A `SlotBatch` (caches updated in place) where every stage graph can be rewritten for it,
@@ -110,8 +122,7 @@ class OrtBackend(GraphBackend):
         if any(dtype != "float32" for dtype in caches):
             return None  # the slot buffers are fp32
         try:
-            for stage in STAGE_GRAPHS:
-                self.decode_session(stage)
+            self.decode_session()
         except DecodeGraphError:
             return None
         return SlotBatch(self)

@@ -12,6 +12,8 @@ prefill cache in and leave by moving the last rows down.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,6 +21,15 @@ import torch
 from onnx import TensorProto, helper
 
 from haplo.bundle import STAGE_GRAPHS
+from haplo.engines.ort_fusions import (
+    MEMORY,
+    RopeTable,
+    fuse,
+    fuse_skip_norms,
+    pack_projections,
+    prune,
+    rope_table,
+)
 from haplo.errors import HaploError
 from haplo.model.config import STAGES
 from haplo.model.ops import MASKED_START
@@ -35,8 +46,67 @@ def _const(graph: onnx.GraphProto, name: str, values: list[int]) -> str:
     return name
 
 
-def _to_rows(graph, nodes: list, name: str, heads: int, head_dim: int) -> str:
-    """[B, H, 1, D] -> [B, 1, H * D], GroupQueryAttention's layout."""
+def _perm(node) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+
+
+def _head_split_source(producers: dict, name: str) -> str | None:
+    """y where `name` is Transpose_0213(Reshape(y)), the model's `.view(B, L, -1, D).transpose(1, 2)`:
+    y is [B, L, H * D], GroupQueryAttention's layout already."""
+    transpose = producers.get(name)
+    if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != [0, 2, 1, 3]:
+        return None
+    view = producers.get(transpose.input[0])
+    return view.input[0] if view is not None and view.op_type == "Reshape" else None
+
+
+def _rope_rows(graph, nodes: list, producers: dict, rope, heads: int, head_dim: int) -> str | None:
+    """A fused (4-D) RotaryEmbedding moved before the head split, so it reads and gives [B, L, H * D];
+    a per-head LayerNormalization (qk-norm) in front of it moves along (it normalises the last axis)."""
+    source = _head_split_source(producers, rope.input[0])
+    norm = producers.get(rope.input[0])
+    if source is None and norm is not None and norm.op_type == "LayerNormalization":
+        inner = _head_split_source(producers, norm.input[0])
+        if inner is None:
+            return None
+        split = producers[producers[norm.input[0]].input[0]].output[0]  # [B, L, H, D]
+        normed, source = f"{rope.output[0]}/qk_norm", f"{rope.output[0]}/qk_norm_rows"
+        nodes.append(helper.make_node("LayerNormalization", [split, *norm.input[1:]], [normed], **_attrs(norm)))
+        nodes.append(
+            helper.make_node("Reshape", [normed, _const(graph, f"{normed}/shape", [0, 0, heads * head_dim])], [source])
+        )
+    if source is None:
+        return None
+    out = f"{rope.output[0]}/rows"
+    nodes.append(
+        helper.make_node(
+            "RotaryEmbedding",
+            [source, *rope.input[1:]],
+            [out],
+            domain=MS_DOMAIN,
+            interleaved=0,
+            num_heads=heads,
+            rotary_embedding_dim=head_dim,
+        )
+    )
+    return out
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _to_rows(graph, nodes: list, producers: dict, name: str, heads: int, head_dim: int) -> str:
+    """[B, H, 1, D] -> [B, 1, H * D], GroupQueryAttention's layout: the tensor before the model's
+    head split where it can be found (with RoPE and qk-norm moved before the split), else a copy."""
+    node = producers.get(name)
+    if node is not None and node.op_type == "RotaryEmbedding":
+        rows = _rope_rows(graph, nodes, producers, node, heads, head_dim)
+        if rows is not None:
+            return rows
+    source = _head_split_source(producers, name)
+    if source is not None:
+        return source
     transposed, flat = f"{name}/gqa_bshd", f"{name}/gqa_flat"
     nodes.append(helper.make_node("Transpose", [name], [transposed], perm=[0, 2, 1, 3]))
     shape = _const(graph, f"{name}/gqa_shape", [0, 0, heads * head_dim])
@@ -54,7 +124,8 @@ def _attention(graph, node, producers: dict, stage_cfg) -> list:
     scale = next(a.f for a in node.attribute if a.name == "scale")
     nodes: list = []
     q, k, v = (
-        _to_rows(graph, nodes, n, h, d) for n, h in ((query, hq), (concat_k.input[1], hkv), (concat_v.input[1], hkv))
+        _to_rows(graph, nodes, producers, n, h, d)
+        for n, h in ((query, hq), (concat_k.input[1], hkv), (concat_v.input[1], hkv))
     )
     flat_out = f"{node.output[0]}/gqa_out"
     nodes.append(
@@ -74,13 +145,81 @@ def _attention(graph, node, producers: dict, stage_cfg) -> list:
     return nodes
 
 
-def decode_graph(model: onnx.ModelProto, stage_cfg) -> onnx.ModelProto:
-    """A one-token step of a decoder stage graph over in-place caches (see the module docstring).
+def _merge_heads_in_place(nodes: list, outputs: set[str]) -> None:
+    """The model's `out.transpose(1, 2).reshape(B, L, -1)` after attention reads GroupQueryAttention's
+    [B, L, Hq * D] output directly (the transposes back and forth become dead and are pruned)."""
+    producers = {out: n for n in nodes for out in n.output}
+    for node in nodes:
+        transpose = producers.get(node.input[0]) if node.op_type == "Reshape" else None
+        if transpose is None or transpose.op_type != "Transpose" or _perm(transpose) != [0, 2, 1, 3]:
+            continue
+        if transpose.input[0] in outputs:
+            node.input[0] = f"{transpose.input[0]}/gqa_out"
+
+
+def _rotary_in_attention(nodes: list) -> int:
+    """GroupQueryAttention rotates q and k itself (`do_rotary`, at the graph's position ids) where both
+    come from RotaryEmbeddings over the full head with one table: those become dead and are pruned."""
+    producers = {out: n for n in nodes for out in n.output}
+    done = 0
+    for node in nodes:
+        if node.op_type != "GroupQueryAttention" or len(node.input) > 7:
+            continue
+        ropes = [producers.get(name) for name in node.input[:2]]
+        if any(r is None or r.op_type != "RotaryEmbedding" or _attrs(r).get("interleaved", 0) for r in ropes):
+            continue
+        if ropes[0].input[1:] != ropes[1].input[1:] or _attrs(ropes[0]).get("rotary_embedding_dim", 0) == 0:
+            continue
+        position_ids, cos, sin = ropes[0].input[1:4]
+        node.input[:2] = [r.input[0] for r in ropes]
+        node.input.extend([cos, sin, position_ids])
+        node.attribute.extend([helper.make_attribute("do_rotary", 1), helper.make_attribute("rotary_interleaved", 0)])
+        done += 1
+    return done
+
+
+def _packed_attention_input(graph: onnx.GraphProto) -> int:
+    """GroupQueryAttention reads packed QKV where q, k and v are the three outputs of one Split (of a
+    packed projection, `pack_projections`) that nothing else reads."""
+    producers = {out: n for n in graph.node for out in n.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    done = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        split = producers.get(node.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]):
+            continue
+        if any(readers.get(name, 0) != 1 for name in split.output):
+            continue
+        node.input[:3] = [split.input[0], "", ""]
+        done += 1
+    return done
+
+
+def decode_graph(
+    model: onnx.ModelProto,
+    stage_cfg,
+    base_dir: Path | None = None,
+    rope: RopeTable | None = None,
+    fused: bool = True,
+    memory: dict[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """A one-token step of a decoder stage graph over in-place caches (see the module docstring),
+    with the fusions of `haplo.engines.ort_fusions` (AdaLN where its parameters can be read from
+    `base_dir`, RoPE where `rope` gives the stage's table, rotated inside GroupQueryAttention; packed
+    projections, packed QKV, skip norms; none with `fused=False`). With `memory`, packed weights are
+    held there instead of in the graph (`in_memory_initializers`).
 
     Inputs: hidden_states, position_ids, seqlens_k [batch] int32 (each row's cached length),
     total_sequence_length int32 (the longest row's length + 1), past_key_values.N.* [batch, Hkv,
     capacity, D]; bind each present.N.* output to its past's buffer."""
     graph = model.graph
+    if fused:
+        fuse(model, base_dir, rope)
     producers = {out: n for n in graph.node for out in n.output}
     attentions = [n for n in graph.node if n.op_type == "HybridAttention"]
     if not attentions:
@@ -93,10 +232,18 @@ def decode_graph(model: onnx.ModelProto, stage_cfg) -> onnx.ModelProto:
             nodes.extend(replaced[id(node)])
         elif id(node) not in dropped:
             nodes.append(node)
+    _merge_heads_in_place(nodes, {n.output[0] for n in attentions})
     if any("key_start" in n.input for n in nodes):
         raise DecodeGraphError(f"{graph.name}: key_start is read outside attention")
+    if fused:
+        _rotary_in_attention(nodes)
     del graph.node[:]
     graph.node.extend(nodes)
+    if fused:
+        prune(graph)  # the dead RoPE and head-split nodes: their readers no longer hold projections back
+        pack_projections(graph, base_dir, memory)
+        _packed_attention_input(graph)
+        fuse_skip_norms(graph)
     inputs = [i for i in graph.input if i.name != "key_start"]
     inputs += [
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
@@ -106,14 +253,95 @@ def decode_graph(model: onnx.ModelProto, stage_cfg) -> onnx.ModelProto:
     graph.input.extend(inputs)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    prune(graph)
     return model
 
 
-def decode_session(path, stage_cfg, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    """The rewritten graph of the stage graph at `path`, its external weights read where they lie."""
-    model = decode_graph(onnx.load(str(path), load_external_data=False), stage_cfg)
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+def _renamed(name: str, prefix: str, links: dict[str, str], shared) -> str:
+    if not name or shared(name):
+        return name
+    return links.get(name, f"{prefix}/{name}")
+
+
+def _add_part(stack: onnx.GraphProto, part: onnx.ModelProto, prefix: str, links: dict[str, str], shared) -> None:
+    """Append `part`'s nodes and initializers to `stack`, its own names under `prefix`, `links` renamed."""
+    for index, node in enumerate(part.graph.node):
+        node.input[:] = [_renamed(n, prefix, links, shared) for n in node.input]
+        node.output[:] = [_renamed(n, prefix, links, shared) for n in node.output]
+        node.name = f"{prefix}/{index}/{node.name}"
+        stack.node.append(node)
+    for tensor in part.graph.initializer:
+        tensor.name = _renamed(tensor.name, prefix, links, shared)
+        stack.initializer.append(tensor)
+
+
+def _is_shared(name: str) -> bool:
+    """Names every part of the stack means the same by: the step's inputs and the caches."""
+    return name in ("position_ids", "seqlens_k", "total_sequence_length") or name.startswith(
+        ("past_key_values.", "present.")
+    )
+
+
+def stack_graph(embed: onnx.ModelProto, stages: list[onnx.ModelProto], head: onnx.ModelProto) -> onnx.ModelProto:
+    """One graph for the whole decode step, input_ids -> logits: the embedding, the rewritten stage
+    graphs (`decode_graph`) in order and the LM head, each under its own name prefix, linked by
+    name. One session run per token, and no host round trip between stages."""
+    stack = helper.make_graph([], "decode_step", [], [])
+    hidden = "input_ids"
+    parts = [("embed_text", embed, {"input_ids": "input_ids"}, "inputs_embeds")]
+    parts += [(STAGES[i], m, {"hidden_states": None}, "hidden_states_out") for i, m in enumerate(stages)]
+    parts.append(("lm_head", head, {"last_decoder_hidden_state": None}, "logits"))
+    for prefix, model, links, out in parts:
+        links = {name: hidden if link is None else link for name, link in links.items()}
+        hidden = "logits" if out == "logits" else f"{prefix}/{out}"
+        links[out] = hidden
+        _add_part(stack, model, prefix, links, _is_shared)
+    inputs = {i.name: i for m in (embed, *stages) for i in m.graph.input if i.name == "input_ids" or _is_shared(i.name)}
+    outputs = [o for m in stages for o in m.graph.output if o.name.startswith("present.")]
+    stack.input.extend(inputs.values())
+    stack.output.extend([o for o in head.graph.output if o.name == "logits"] + outputs)
+    versions: dict[str, int] = {}
+    for m in (embed, *stages, head):
+        for o in m.opset_import:
+            versions[o.domain] = max(versions.get(o.domain, 0), o.version)
+    model = helper.make_model(stack, opset_imports=[helper.make_opsetid(d, v) for d, v in versions.items()])
+    model.ir_version = embed.ir_version
+    functions = {(f.domain, f.name): f for m in stages for f in m.functions}
+    model.functions.extend(functions.values())
+    return model
+
+
+def decode_stack_session(
+    paths: dict[str, Path], config, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    """The session of `stack_graph` over a bundle's graphs (`paths`: graph name -> file), external
+    weights read where they lie (every graph of a bundle is in one folder)."""
+    load = lambda name: onnx.load(str(paths[name]), load_external_data=False)  # noqa: E731
+    stages, memory = [], {}
+    for stage in STAGES:
+        path = paths[STAGE_GRAPHS[stage]]
+        cfg, rope = config.stages[stage], rope_table(config, stage)
+        stages.append(decode_graph(load(STAGE_GRAPHS[stage]), cfg, path.parent, rope, memory=memory))
+    model = stack_graph(load("embed_text"), stages, load("lm_head"))
+    folder = paths["embed_text"].parent
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    values = in_memory_initializers(model, memory, options)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    session.haplo_initializers = values  # ONNX Runtime reads these buffers: they live as the session does
+    return session
+
+
+def in_memory_initializers(model: onnx.ModelProto, memory: dict[str, np.ndarray], options) -> list:
+    """Give `options` the initializers whose external data is a `memory` entry; their OrtValues."""
+    names, values = [], []
+    for tensor in model.graph.initializer:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location.startswith(MEMORY):
+            names.append(tensor.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(memory[location]))
+    if names:
+        options.add_external_initializers(names, values)
+    return values
 
 
 class SlotBatch:
@@ -183,31 +411,23 @@ class SlotBatch:
             self.buffers = {}  # an idle batch holds no memory
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per row through every stage: next-token logits [rows, vocab]."""
+        """One token per row through the whole stack in one session run: next-token logits [rows, vocab]."""
         self._reserve(self.rows, self.length + 1)
-        hidden = self.backend.embed_text(tokens[:, None].long())
-        positions = np.array(self.positions, dtype=np.int64)[:, None]
-        seqlens = np.array(self.lengths, dtype=np.int32)
-        total = np.array(self.length + 1, dtype=np.int32)
+        session = self.backend.decode_session()
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, None].long().numpy()))
+        binding.bind_cpu_input("position_ids", np.array(self.positions, dtype=np.int64)[:, None])
+        binding.bind_cpu_input("seqlens_k", np.array(self.lengths, dtype=np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(self.length + 1, dtype=np.int32))
+        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
         for stage in STAGES:
-            hidden = self._run_stage(stage, hidden, positions, seqlens, total)
+            layers = self.backend.bundle.graphs[STAGE_GRAPHS[stage]].layers
+            for i, n in enumerate(layers):
+                for j, kind in enumerate(("key", "value")):
+                    value = ort.OrtValue.ortvalue_from_numpy(self.buffers[stage][2 * i + j][: self.rows])
+                    binding.bind_ortvalue_input(f"past_key_values.{n}.{kind}", value)
+                    binding.bind_ortvalue_output(f"present.{n}.{kind}", value)
+        session.run_with_iobinding(binding)
         self.lengths = [n + 1 for n in self.lengths]
         self.positions = [p + 1 for p in self.positions]
-        return self.backend.lm_head(hidden)[:, -1]
-
-    def _run_stage(self, stage: str, hidden, positions, seqlens, total) -> torch.Tensor:
-        session = self.backend.decode_session(stage)
-        binding = session.io_binding()
-        binding.bind_cpu_input("hidden_states", np.ascontiguousarray(hidden.float().numpy()))
-        binding.bind_cpu_input("position_ids", positions)
-        binding.bind_cpu_input("seqlens_k", seqlens)
-        binding.bind_cpu_input("total_sequence_length", total)
-        binding.bind_output("hidden_states_out", "cpu")  # first: get_outputs() follows the binding order
-        layers = self.backend.bundle.graphs[STAGE_GRAPHS[stage]].layers
-        for i, n in enumerate(layers):
-            for j, kind in enumerate(("key", "value")):
-                value = ort.OrtValue.ortvalue_from_numpy(self.buffers[stage][2 * i + j][: self.rows])
-                binding.bind_ortvalue_input(f"past_key_values.{n}.{kind}", value)
-                binding.bind_ortvalue_output(f"present.{n}.{kind}", value)
-        session.run_with_iobinding(binding)
-        return torch.from_numpy(binding.get_outputs()[0].numpy())
+        return torch.from_numpy(binding.get_outputs()[0].numpy())[:, -1]

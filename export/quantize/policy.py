@@ -32,12 +32,15 @@ class QuantizationError(HaploError, ValueError):
 
 def default_policy(precision: str) -> dict[str, str]:
     """Graph -> precision. Decoders carry the weights; heads, embeddings and the VAE stay fp32 for
-    Q/DQ (small, and the most sensitive); casts also cover the vision embedding and the LM head."""
+    Q/DQ (small, and the most sensitive); casts also cover the vision embedding and the LM head, and
+    int8 weight-only the LM head (int4 keeps it in fp32)."""
     if precision not in PRECISIONS:
         raise QuantizationError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     decoders = {"pre_decoder": precision, "base_decoder": precision, "post_decoder": precision}
     if precision in ("fp16", "bf16"):
         decoders.update(embed_vision=precision, lm_head=precision)
+    if precision == "int8-weight":  # a decode step reads the LM head's weights once more: int8 too
+        decoders.update(lm_head=precision)
     return decoders
 
 
