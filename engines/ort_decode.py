@@ -23,9 +23,13 @@ from onnx import TensorProto, helper
 from haplo.bundle import STAGE_GRAPHS
 from haplo.engines.ort_fusions import (
     MEMORY,
+    MS_DOMAIN,
     RopeTable,
     fuse,
     fuse_skip_norms,
+    graph_readers,
+    int64_initializer,
+    node_attrs,
     pack_projections,
     prune,
     rope_table,
@@ -34,16 +38,9 @@ from haplo.errors import HaploError
 from haplo.model.config import STAGES
 from haplo.model.ops import MASKED_START
 
-MS_DOMAIN = "com.microsoft"
-
 
 class DecodeGraphError(HaploError, RuntimeError):
     """A decoder graph without the structure the rewrite expects (the padded path is used instead)."""
-
-
-def _const(graph: onnx.GraphProto, name: str, values: list[int]) -> str:
-    graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
-    return name
 
 
 def _perm(node) -> list[int]:
@@ -66,15 +63,13 @@ def _rope_rows(graph, nodes: list, producers: dict, rope, heads: int, head_dim: 
     source = _head_split_source(producers, rope.input[0])
     norm = producers.get(rope.input[0])
     if source is None and norm is not None and norm.op_type == "LayerNormalization":
-        inner = _head_split_source(producers, norm.input[0])
-        if inner is None:
+        if _head_split_source(producers, norm.input[0]) is None:
             return None
-        split = producers[producers[norm.input[0]].input[0]].output[0]  # [B, L, H, D]
+        split = producers[norm.input[0]].input[0]  # the view before the transpose: [B, L, H, D]
         normed, source = f"{rope.output[0]}/qk_norm", f"{rope.output[0]}/qk_norm_rows"
-        nodes.append(helper.make_node("LayerNormalization", [split, *norm.input[1:]], [normed], **_attrs(norm)))
-        nodes.append(
-            helper.make_node("Reshape", [normed, _const(graph, f"{normed}/shape", [0, 0, heads * head_dim])], [source])
-        )
+        nodes.append(helper.make_node("LayerNormalization", [split, *norm.input[1:]], [normed], **node_attrs(norm)))
+        shape = int64_initializer(graph, f"{normed}/shape", [0, 0, heads * head_dim])
+        nodes.append(helper.make_node("Reshape", [normed, shape], [source]))
     if source is None:
         return None
     out = f"{rope.output[0]}/rows"
@@ -92,10 +87,6 @@ def _rope_rows(graph, nodes: list, producers: dict, rope, heads: int, head_dim: 
     return out
 
 
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _to_rows(graph, nodes: list, producers: dict, name: str, heads: int, head_dim: int) -> str:
     """[B, H, 1, D] -> [B, 1, H * D], GroupQueryAttention's layout: the tensor before the model's
     head split where it can be found (with RoPE and qk-norm moved before the split), else a copy."""
@@ -109,7 +100,7 @@ def _to_rows(graph, nodes: list, producers: dict, name: str, heads: int, head_di
         return source
     transposed, flat = f"{name}/gqa_bshd", f"{name}/gqa_flat"
     nodes.append(helper.make_node("Transpose", [name], [transposed], perm=[0, 2, 1, 3]))
-    shape = _const(graph, f"{name}/gqa_shape", [0, 0, heads * head_dim])
+    shape = int64_initializer(graph, f"{name}/gqa_shape", [0, 0, heads * head_dim])
     nodes.append(helper.make_node("Reshape", [transposed, shape], [flat]))
     return flat
 
@@ -139,7 +130,7 @@ def _attention(graph, node, producers: dict, stage_cfg) -> list:
             scale=scale,
         )
     )
-    shape = _const(graph, f"{node.output[0]}/gqa_bshd_shape", [0, 0, hq, d])
+    shape = int64_initializer(graph, f"{node.output[0]}/gqa_bshd_shape", [0, 0, hq, d])
     nodes.append(helper.make_node("Reshape", [flat_out, shape], [f"{flat_out}/bshd"]))
     nodes.append(helper.make_node("Transpose", [f"{flat_out}/bshd"], [node.output[0]], perm=[0, 2, 1, 3]))
     return nodes
@@ -166,9 +157,9 @@ def _rotary_in_attention(nodes: list) -> int:
         if node.op_type != "GroupQueryAttention" or len(node.input) > 7:
             continue
         ropes = [producers.get(name) for name in node.input[:2]]
-        if any(r is None or r.op_type != "RotaryEmbedding" or _attrs(r).get("interleaved", 0) for r in ropes):
+        if any(r is None or r.op_type != "RotaryEmbedding" or node_attrs(r).get("interleaved", 0) for r in ropes):
             continue
-        if ropes[0].input[1:] != ropes[1].input[1:] or _attrs(ropes[0]).get("rotary_embedding_dim", 0) == 0:
+        if ropes[0].input[1:] != ropes[1].input[1:] or node_attrs(ropes[0]).get("rotary_embedding_dim", 0) == 0:
             continue
         position_ids, cos, sin = ropes[0].input[1:4]
         node.input[:2] = [r.input[0] for r in ropes]
@@ -181,11 +172,7 @@ def _rotary_in_attention(nodes: list) -> int:
 def _packed_attention_input(graph: onnx.GraphProto) -> int:
     """GroupQueryAttention reads packed QKV where q, k and v are the three outputs of one Split (of a
     packed projection, `pack_projections`) that nothing else reads."""
-    producers = {out: n for n in graph.node for out in n.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    producers, readers = {out: n for n in graph.node for out in n.output}, graph_readers(graph)
     done = 0
     for node in graph.node:
         if node.op_type != "GroupQueryAttention":
@@ -193,7 +180,7 @@ def _packed_attention_input(graph: onnx.GraphProto) -> int:
         split = producers.get(node.input[0])
         if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]):
             continue
-        if any(readers.get(name, 0) != 1 for name in split.output):
+        if any(len(readers.get(name, [])) != 1 for name in split.output):
             continue
         node.input[:3] = [split.input[0], "", ""]
         done += 1

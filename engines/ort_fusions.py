@@ -41,6 +41,24 @@ from haplo.model.layers import rope_cos_sin
 MS_DOMAIN = "com.microsoft"
 
 
+def node_attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def int64_initializer(graph: onnx.GraphProto, name: str, values: list[int]) -> str:
+    graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+    return name
+
+
+def graph_readers(graph: onnx.GraphProto) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 @dataclass(frozen=True)
 class RopeTable:
     """The RoPE a stage applies: head size, theta, and the positions its cache must cover."""
@@ -88,10 +106,6 @@ class _Graph:
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
         return name
 
-    def constant_int(self, name: str, values: list[int]) -> str:
-        self.graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
-        return name
-
     def producer(self, name: str, op_type: str):
         node = self.producers.get(name)
         return node if node is not None and node.op_type == op_type else None
@@ -129,8 +143,7 @@ def _adaln_nodes(g: _Graph, node, index: int) -> list | None:
         return None
     p = f"fused_adaln_{index}"
     c = {k: g.constant(f"{p}/{k}", v) for k, v in consts.items()}
-    c["last_axis"] = f"{p}/last_axis"
-    g.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), c["last_axis"]))
+    c["last_axis"] = int64_initializer(g.graph, f"{p}/last_axis", [-1])
     x, eps, layernorm = node.input[0], float(_attr(node, "epsilon")), bool(_attr(node, "layernorm", 0))
     if layernorm:  # the switch reads the raw input
         norm = helper.make_node("LayerNormalization", [x, c["ones"], c["zeros"]], [f"{p}/unit"], epsilon=eps, axis=-1)
@@ -199,25 +212,27 @@ def _traces_to(g: _Graph, name: str, op_type: str, depth: int = 4) -> bool:
     return False
 
 
+def _float_bias(g: _Graph, readers: dict, output: str, width: int) -> onnx.NodeProto | None:
+    """The Add of a 1-D fp32 initializer of `width` that alone reads `output`, or None."""
+    add = readers.get(output, [])
+    if len(add) != 1 or add[0].op_type != "Add" or list(add[0].input).count(output) != 1:
+        return None
+    tensor = g.initializers.get(next(i for i in add[0].input if i != output))
+    if tensor is None or list(tensor.dims) != [width] or tensor.data_type != TensorProto.FLOAT:
+        return None
+    return add[0]
+
+
 def _fold_biases(graph: onnx.GraphProto, g: _Graph) -> int:
     """MatMulNBits -> Add(1-D initializer bias) becomes MatMulNBits with its bias input (index 5)."""
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs, folded = {o.name for o in graph.output}, 0
+    readers, outputs, folded = graph_readers(graph), {o.name for o in graph.output}, 0
     for node in graph.node:
         if node.domain != MS_DOMAIN or node.op_type != "MatMulNBits" or len(node.input) > 5:
             continue
-        add = readers.get(node.output[0], [])
-        if len(add) != 1 or add[0].op_type != "Add" or node.output[0] in outputs:
+        add = _float_bias(g, readers, node.output[0], _attr(node, "N"))
+        if add is None or node.output[0] in outputs:
             continue
-        add = add[0]
-        bias = next((i for i in add.input if i != node.output[0]), None)
-        tensor = g.initializers.get(bias)
-        if tensor is None or list(tensor.dims) != [_attr(node, "N")] or tensor.data_type != TensorProto.FLOAT:
-            continue
-        node.input.extend([""] * (5 - len(node.input)) + [bias])
+        node.input.extend([""] * (5 - len(node.input)) + [next(i for i in add.input if i != node.output[0])])
         node.output[0] = add.output[0]
         add.output[0] = f"{add.output[0]}/folded"  # now read by nothing: pruned
         folded += 1
@@ -292,28 +307,9 @@ class _Projection:
     output: str
     width: int
     key: tuple  # what siblings share to be packed
-    arrays: list[str] = field(default_factory=list)  # weight inputs, in packing order
+    weights: list[str] = field(default_factory=list)  # weight input names, in packing order
     bias: str | None = None
     dropped: list = field(default_factory=list)  # the nodes packing removes
-
-
-def _readers(graph: onnx.GraphProto) -> dict[str, list]:
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return readers
-
-
-def _float_bias(g: _Graph, readers: dict, output: str, width: int) -> onnx.NodeProto | None:
-    """The Add of a 1-D fp32 initializer of `width` that alone reads `output`, or None."""
-    add = readers.get(output, [])
-    if len(add) != 1 or add[0].op_type != "Add" or list(add[0].input).count(output) != 1:
-        return None
-    tensor = g.initializers.get(next(i for i in add[0].input if i != output))
-    if tensor is None or list(tensor.dims) != [width] or tensor.data_type != TensorProto.FLOAT:
-        return None
-    return add[0]
 
 
 def _projection(g: _Graph, readers: dict, node) -> _Projection | None:
@@ -334,14 +330,14 @@ def _projection(g: _Graph, readers: dict, node) -> _Projection | None:
             return None
         attrs = tuple(_attr(node, a) for a in ("K", "bits", "block_size", "accuracy_level"))
         key = ("MatMulNBits", *attrs, bool(inputs[3]))
-        arrays = [n for n in inputs[1:4] if n]
-        return _Projection(node, node.output[0], int(_attr(node, "N")), key, arrays, inputs[5] or None)
+        weights = [n for n in inputs[1:4] if n]
+        return _Projection(node, node.output[0], int(_attr(node, "N")), key, weights, inputs[5] or None)
     return None
 
 
 def _sibling_groups(g: _Graph, graph: onnx.GraphProto) -> list[list[_Projection]]:
     """Projections that read the same input with the same kind of weights, two or more per group."""
-    readers, outputs = _readers(graph), {o.name for o in graph.output}
+    readers, outputs = graph_readers(graph), {o.name for o in graph.output}
     groups: dict[tuple, list[_Projection]] = {}
     for node in graph.node:
         proj = _projection(g, readers, node)
@@ -354,7 +350,7 @@ def _packed_arrays(g: _Graph, group: list[_Projection]) -> list[np.ndarray] | No
     """The group's weights side by side (MatMul: along N, the last axis; MatMulNBits: every input is
     N-major), then the bias (zeros for members without one), or None where one cannot be read."""
     axis = 1 if group[0].key[0] == "MatMul" else 0
-    columns = [[g.array(name) for name in p.arrays] for p in group]
+    columns = [[g.array(name) for name in p.weights] for p in group]
     if any(a is None for arrays in columns for a in arrays):
         return None
     packed = [np.concatenate(parts, axis=axis) for parts in zip(*columns)]
@@ -394,19 +390,15 @@ def _packed_nodes(g: _Graph, group: list[_Projection], arrays: list[np.ndarray],
         if has_bias:
             nodes.append(helper.make_node("Add", [f"{p}/mm", names[-1]], [f"{p}/out"]))
     else:
-        attrs = _attrs(first) | {"N": sum(widths)}
+        attrs = node_attrs(first) | {"N": sum(widths)}
         zp = names[2] if group[0].key[-1] else ""
         inputs = [first.input[0], names[0], names[1], zp, "", names[-1] if has_bias else ""]
         while inputs and not inputs[-1]:
             inputs.pop()
         nodes = [helper.make_node("MatMulNBits", inputs, [f"{p}/out"], domain=MS_DOMAIN, **attrs)]
-    sizes = g.constant_int(f"{p}/sizes", widths)
+    sizes = int64_initializer(g.graph, f"{p}/sizes", widths)
     nodes.append(helper.make_node("Split", [nodes[-1].output[0], sizes], [m.output for m in group], axis=-1))
     return nodes
-
-
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def pack_projections(
@@ -423,10 +415,13 @@ def pack_projections(
     dropped: set[int] = set()
     for group in _sibling_groups(g, graph):
         arrays = _packed_arrays(g, group)
-        size = sum(a.nbytes for a in arrays or [])
-        if arrays is None or (memory is None and size > budget):
+        if arrays is None:
             continue
-        budget -= size if memory is None else 0
+        if memory is None:
+            size = sum(a.nbytes for a in arrays)
+            if size > budget:
+                continue
+            budget -= size
         position = min(positions[id(m.matmul)] for m in group)
         at[position] = _packed_nodes(g, group, arrays, len(at), memory)
         dropped |= {id(n) for m in group for n in (m.matmul, *m.dropped)}

@@ -212,9 +212,9 @@ def test_weight_only_bundles_use_matmulnbits_and_keep_excluded_modules_in_fp32(p
         # the in-place decode path against the bundle's own graphs (the tiny preset's random logits are
         # near ties, so the quantized LM head alone moves tokens against torch; the trained haplo-mini
         # keeps its task accuracy: see the README)
-        padded = OrtBackend(bundle)
-        padded.decode_batch = lambda: None
-        reference = understand(padded, ids, max_new_tokens=8).new_tokens
+        plain = OrtBackend(bundle)
+        plain.decode_batch = lambda: None
+        reference = understand(plain, ids, max_new_tokens=8).new_tokens
         candidate = understand(OrtBackend(bundle), ids, max_new_tokens=8).new_tokens
         assert (reference == candidate).float().mean() >= 0.75
     # the in-place decode path folds each bias Add into its MatMulNBits and steps as the bundle's graphs do
