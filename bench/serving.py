@@ -3,7 +3,9 @@
 The server runs as its own process (the `haplo-serve` command, as a user starts it); the clients are
 the official `openai` async client in this one. Every request is a greedy video question with a fixed
 number of new tokens (`ignore_eos`), so runs compare like for like, and every answer under load must
-equal the answer to the same request served alone. Video jobs: K concurrent jobs against one.
+equal the answer to the same request served alone. The questions reuse `prompts` clips, so past the
+first round the server's media cache hands out decoded clips (`--media-cache-mib 0` decodes each
+again); the results count its hits. Video jobs: K concurrent jobs against one.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class ServeBenchOptions:
     backend: str = "onnxruntime"  # or "torch"
     precision: str = "fp32"
     threads: int | None = None
+    media_cache_mib: int | None = None  # the server's decoded-media cache; None: its default
     clients: list[int] = field(default_factory=lambda: [1, 4, 16])  # concurrency levels; 1 is the baseline
     requests_per_client: int = 2
     new_tokens: int = 32
@@ -84,6 +87,8 @@ class ServerProcess:
         self.command += ["--max-video-batch", str(options.video_jobs), "--log-level", "warning"]
         if options.threads:
             self.command += ["--threads", str(options.threads)]
+        if options.media_cache_mib is not None:
+            self.command += ["--media-cache-mib", str(options.media_cache_mib)]
 
     def __enter__(self) -> ServerProcess:
         import httpx2 as httpx
@@ -186,18 +191,31 @@ def summarise(records: list[dict], clients: int) -> dict:
     }
 
 
-def server_tpot(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's own TPOT histogram: the time between two tokens of a row as the
-    scheduler hands them out, before any HTTP."""
+def scrape(url: str) -> dict[str, float]:
+    """The server's /metrics page as {series: value} (series with their labels, as the page writes them)."""
     import httpx2 as httpx
 
     page = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
     values = {}
     for line in page.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("haplo_time_per_output_token_seconds_sum", "haplo_time_per_output_token_seconds_count"):
-            values[name.rsplit("_", 1)[1]] = float(value)
-    return values.get("sum", 0.0), values.get("count", 0.0)
+        name, _, value = line.rpartition(" ")
+        if name and not line.startswith("#"):
+            values[name] = float(value)
+    return values
+
+
+def server_tpot(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's own TPOT histogram: the time between two tokens of a row as the
+    scheduler hands them out, before any HTTP."""
+    values = scrape(url)
+    name = "haplo_time_per_output_token_seconds"
+    return values.get(f"{name}_sum", 0.0), values.get(f"{name}_count", 0.0)
+
+
+def media_lookups(url: str) -> dict[str, int]:
+    """The server's decoded-media cache: hits and misses so far."""
+    values = scrape(url)
+    return {r: int(values.get(f'haplo_media_cache_lookups_total{{result="{r}"}}', 0)) for r in ("hit", "miss")}
 
 
 # -- video load --------------------------------------------------------------------------------
@@ -258,11 +276,12 @@ def run_serving_benchmark(options: ServeBenchOptions, log: Callable[[str], None]
             level["scheduler_tpot_ms_mean"] = round(1000 * (after[0] - before[0]) / count, 3) if count else None
             level["answers_identical_to_alone"] = all(r["text"] == answers[r["prompt"]] for r in records)
             levels.append(level)
+        media = media_lookups(server.url)
         log(f"video: 1 job, then {options.video_jobs} concurrent jobs of {options.video_steps} steps")
         _video_jobs(server.url, model, 1, options.video_steps)  # warm-up
         one = _video_jobs(server.url, model, 1, options.video_steps)
         many = _video_jobs(server.url, model, options.video_jobs, options.video_steps)
-    return _document(options, model, levels, one, many)
+    return _document(options, model, levels, one, many) | {"media_cache": media}
 
 
 def _document(options: ServeBenchOptions, model: str, levels: list[dict], one: float, many: float) -> dict:
@@ -310,11 +329,18 @@ def table(doc: dict) -> str:
     v = doc["video"]
     lines += [
         "sched TPOT: the server's own mean time between two tokens of a row (scheduler, before HTTP)",
+        _media_line(doc.get("media_cache")),
         "",
         f"video: 1 job of {v['steps']} DDIM steps {v['one_job_s']:.2f} s; {v['jobs']} concurrent jobs "
         f"{v['concurrent_jobs_s']:.2f} s ({v['concurrent_vs_one']:.2f}x one job)",
     ]
     return "\n".join(lines)
+
+
+def _media_line(lookups: dict | None) -> str:
+    if not lookups:
+        return "media cache: -"
+    return f"media cache: {lookups['hit']} clips reused decoded, {lookups['miss']} decoded"
 
 
 def _ms(value: float | None) -> str:

@@ -335,13 +335,16 @@ class SlotBatch:
     """A running decode batch in per-layer buffers [rows, Hkv, capacity, D], updated in place.
 
     The scheduler's batch protocol: `add` a prefilled one-row state, `keep` rows, `step` one token per
-    row (-> logits [rows, vocab]), `rows`, `length`, `cache_bytes`."""
+    row (-> logits [rows, vocab]), `rows`, `length`, `cache_bytes`. The session's IOBinding stays bound
+    to the buffers and to the step inputs (written in place) until the rows or the buffers change."""
 
     def __init__(self, backend) -> None:
         self.backend = backend
         self.buffers: dict[str, list[np.ndarray]] = {}
         self.lengths: list[int] = []
         self.positions: list[int] = []
+        self._binding = None  # (IOBinding, step inputs it reads) while rows and buffers stay
+        self.bindings_made = 0
 
     @property
     def rows(self) -> int:
@@ -370,6 +373,7 @@ class SlotBatch:
             for old, new in zip(self.buffers.get(stage, []), fresh):
                 new[: self.rows, :, :have_len] = old[: self.rows]
             self.buffers[stage] = fresh
+        self._binding = None
 
     def add(self, state) -> None:
         """Append the one-row state of a prefill (its cache has no padding: one request alone)."""
@@ -383,6 +387,7 @@ class SlotBatch:
                 buffer[row, :, :length] = tensor[0].numpy()
         self.lengths.append(length)
         self.positions.append(int(state.next_position[0]))
+        self._binding = None
 
     def keep(self, rows: list[int]) -> None:
         """Only `rows` (ascending) stay, moved down to slots 0, 1, ..."""
@@ -394,27 +399,45 @@ class SlotBatch:
                         buffer[target, :, :length] = buffer[source, :, :length]
         self.lengths = [self.lengths[r] for r in rows]
         self.positions = [self.positions[r] for r in rows]
+        self._binding = None
         if not rows:
             self.buffers = {}  # an idle batch holds no memory
+
+    def _bind(self):
+        """(IOBinding, step inputs): the caches of the current rows bound as past and present in place,
+        the step inputs as arrays the binding reads where they lie."""
+        if self._binding is None:
+            binding = self.backend.decode_session().io_binding()
+            rows = self.rows
+            inputs = {
+                "input_ids": np.zeros((rows, 1), dtype=np.int64),
+                "position_ids": np.zeros((rows, 1), dtype=np.int64),
+                "seqlens_k": np.zeros(rows, dtype=np.int32),
+                "total_sequence_length": np.zeros((), dtype=np.int32),
+            }
+            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in inputs.values()]
+            for name, value in zip(inputs, values):
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+            for stage in STAGES:
+                for i, n in enumerate(self.backend.bundle.graphs[STAGE_GRAPHS[stage]].layers):
+                    for j, kind in enumerate(("key", "value")):
+                        value = ort.OrtValue.ortvalue_from_numpy(self.buffers[stage][2 * i + j][:rows])
+                        binding.bind_ortvalue_input(f"past_key_values.{n}.{kind}", value)
+                        binding.bind_ortvalue_output(f"present.{n}.{kind}", value)
+            self._binding = (binding, inputs, values)
+            self.bindings_made += 1
+        return self._binding[:2]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row through the whole stack in one session run: next-token logits [rows, vocab]."""
         self._reserve(self.rows, self.length + 1)
-        session = self.backend.decode_session()
-        binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens[:, None].long().numpy()))
-        binding.bind_cpu_input("position_ids", np.array(self.positions, dtype=np.int64)[:, None])
-        binding.bind_cpu_input("seqlens_k", np.array(self.lengths, dtype=np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.array(self.length + 1, dtype=np.int32))
-        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
-        for stage in STAGES:
-            layers = self.backend.bundle.graphs[STAGE_GRAPHS[stage]].layers
-            for i, n in enumerate(layers):
-                for j, kind in enumerate(("key", "value")):
-                    value = ort.OrtValue.ortvalue_from_numpy(self.buffers[stage][2 * i + j][: self.rows])
-                    binding.bind_ortvalue_input(f"past_key_values.{n}.{kind}", value)
-                    binding.bind_ortvalue_output(f"present.{n}.{kind}", value)
-        session.run_with_iobinding(binding)
+        binding, inputs = self._bind()
+        inputs["input_ids"][:, 0] = tokens.numpy()
+        inputs["position_ids"][:, 0] = self.positions
+        inputs["seqlens_k"][:] = self.lengths
+        inputs["total_sequence_length"][...] = self.length + 1
+        self.backend.decode_session().run_with_iobinding(binding)
         self.lengths = [n + 1 for n in self.lengths]
         self.positions = [p + 1 for p in self.positions]
         return torch.from_numpy(binding.get_outputs()[0].numpy())[:, -1]

@@ -190,8 +190,21 @@ def test_models_health_and_metrics(client, server):
         "haplo_time_to_first_token_seconds",
         "haplo_time_per_output_token_seconds",
         "haplo_ddim_step_seconds",
+        "haplo_media_cache_bytes",
+        'haplo_media_cache_lookups_total{result="hit"}',
     ):
         assert name in page
+
+
+def test_media_sent_again_is_decoded_once_and_answers_the_same(client, server):
+    cache = server.app.state.server.media
+    messages = video_message(5, QUESTIONS[2])
+    hits, misses = cache.hits, cache.misses
+    first = ask(client, messages, max_tokens=8).choices[0].message.content
+    assert (cache.hits, cache.misses) == (hits, misses + 1)
+    assert ask(client, messages, max_tokens=8).choices[0].message.content == first
+    assert (cache.hits, cache.misses) == (hits + 1, misses + 1)
+    assert 0 < cache.bytes <= cache.max_bytes
 
 
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "Describe what you see."}], "max_tokens": 4}
@@ -295,6 +308,8 @@ SERVE_BAD_INPUT = [
     (["--port", "{BUSY}"], "cannot listen there"),
     (["--log-level", "loud"], "invalid choice: 'loud'"),
     (["--max-prefill-tokens", "0"], "--max-prefill-tokens: 0 is out of range"),
+    (["--media-cache-mib", "-1"], "--media-cache-mib: -1 is out of range"),
+    (["--media-cache-mib", "lots"], "--media-cache-mib: expected an integer"),
 ]
 
 
@@ -352,5 +367,8 @@ def test_bench_serve_writes_its_results_and_checks_answers(cli_bundle, tmp_path,
         assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"] and level["tokens_per_s"] > 0
         assert level["scheduler_tpot_ms_mean"] > 0  # read off the server's /metrics around the level
     assert doc["video"]["jobs"] == 2 and doc["video"]["concurrent_jobs_s"] > 0
+    # 2 clips, each decoded once: the warm-up decodes clip 0, the alone round clip 1 and reuses clip 0,
+    # then the levels of 1 and 2 clients reuse 1 + 2
+    assert doc["media_cache"] == {"hit": 4, "miss": 2}
     assert "same text" in capsys.readouterr().out and (out / "table.txt").exists()
     assert main(argv) == 0  # its own results directory may be written again

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from haplo.commands.common import POSITIVE, _number, add_model_args
+from haplo.commands.common import NON_NEGATIVE, POSITIVE, _number, add_model_args
 from haplo.errors import UsageError
 
 
@@ -27,6 +27,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--precision", default="fp32", help="bundle precision built for onnxruntime (default: fp32)")
     parser.add_argument("--threads", type=POSITIVE, help="the server's intra-op threads (default: cores)")
+    parser.add_argument(
+        "--media-cache-mib",
+        type=NON_NEGATIVE,
+        help="the server's decoded-media cache (the questions repeat their clips; 0 decodes every request's "
+        "clip again; default: the server's)",
+    )
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma list (default: %(default)s)")
     parser.add_argument("--requests-per-client", type=POSITIVE, default=2, help="(default: %(default)s)")
     parser.add_argument("--new-tokens", type=_number(int, 2, what="must be >= 2"), default=32)
@@ -66,6 +72,7 @@ def run(args: argparse.Namespace) -> dict:
         backend=args.backend,
         precision=args.precision,
         threads=args.threads,
+        media_cache_mib=args.media_cache_mib,
         clients=_levels(args.clients),
         requests_per_client=args.requests_per_client,
         new_tokens=args.new_tokens,

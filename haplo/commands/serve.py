@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from haplo.commands.common import (
+    NON_NEGATIVE,
     POSITIVE,
     Parser,
     _number,
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=POSITIVE, default=64, help="waiting requests before 429 (default: 64)")
     parser.add_argument("--max-video-batch", type=POSITIVE, default=4, help="video jobs denoised together")
     parser.add_argument("--video-frames", type=POSITIVE, default=8, help="frames sampled from an input video")
+    parser.add_argument(
+        "--media-cache-mib",
+        type=NON_NEGATIVE,
+        default=256,
+        help="decoded images and videos kept by content, so media sent again is not decoded again "
+        "(MiB; 0 turns it off; default: 256)",
+    )
     parser.add_argument(
         "--max-prefill-tokens",
         type=POSITIVE,
@@ -106,7 +114,7 @@ def serve(args: argparse.Namespace) -> None:
         SchedulerConfig(args.max_batch, kv, args.max_queue, args.max_video_batch, args.max_prefill_tokens),
         metrics,
     )
-    config = ServerConfig(model_name=model_name(args), video_frames=args.video_frames)
+    config = ServerConfig(model_name(args), args.video_frames, media_cache_bytes=args.media_cache_mib * 2**20)
     app = create_app(scheduler, processor, config, metrics)
     print(f"serving {config.model_name} ({backend.name}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

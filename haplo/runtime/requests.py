@@ -36,7 +36,7 @@ class Channel:
             self._ready.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, future in waiters:
-            loop.call_soon_threadsafe(_resolve, future)
+            _WAKEUPS.resolve(loop, future)
 
     def get(self, timeout: float | None = None) -> Any:
         with self._ready:
@@ -58,6 +58,37 @@ class Channel:
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _Wakeups:
+    """Futures to resolve on their event loops, handed over in batches: the first future pending on a
+    loop schedules one callback that resolves all of them, so the tokens of every row of one decode
+    step wake a server's loop once instead of once per row."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+
+    def resolve(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        with self._lock:
+            pending = self._pending.setdefault(loop, [])
+            pending.append(future)
+            if len(pending) > 1:
+                return  # a callback is already on its way
+        try:
+            loop.call_soon_threadsafe(self._drain, loop)
+        except RuntimeError:  # the loop is closed: nobody awaits these any more
+            with self._lock:
+                self._pending.pop(loop, None)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            futures = self._pending.pop(loop, [])
+        for future in futures:
+            _resolve(future)
+
+
+_WAKEUPS = _Wakeups()
 
 
 @dataclass

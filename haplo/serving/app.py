@@ -37,6 +37,7 @@ class ServerConfig:
     video_frames: int = 8  # frames sampled from each input video
     default_max_tokens: int = 256  # when a request gives none (capped by the model's positions)
     kept_jobs: int = 256  # finished video jobs whose content stays downloadable
+    media_cache_bytes: int = 256 * 2**20  # decoded images and videos kept by content (0: none)
 
 
 class Server:
@@ -46,6 +47,7 @@ class Server:
         self.scheduler, self.processor, self.config, self.metrics = scheduler, processor, config, metrics
         self.pipeline = TextToVideoPipeline(scheduler.backend, processor)
         self.jobs: OrderedDict[str, tuple[VideoJob, dict]] = OrderedDict()
+        self.media = media.MediaCache(config.media_cache_bytes)
         # A fast tokenizer is one Rust object: encoding (which sets padding) and decoding from several
         # threads at once can collide ("Already borrowed"), so they take turns.
         self.tokenizer_lock = threading.Lock()
@@ -75,12 +77,11 @@ class Server:
                 if part.type == "text":
                     text += part.text or ""
                 elif part.type == "image_url" and part.image_url is not None:
-                    images.append(media.decode_image(part.image_url.url, f"{where}.image_url"))
+                    images.append(media.decode_image(part.image_url.url, f"{where}.image_url", self.media))
                     text += "<image>\n"
                 elif part.type == "video_url" and part.video_url is not None:
-                    videos.append(
-                        media.decode_video(part.video_url.url, f"{where}.video_url", self.config.video_frames)
-                    )
+                    url, frames = part.video_url.url, self.config.video_frames
+                    videos.append(media.decode_video(url, f"{where}.video_url", frames, self.media))
                     text += "<video>\n"
                 else:
                     raise ApiError(400, f"{where}: a {part.type} part needs its {part.type} field", where)
@@ -279,6 +280,7 @@ def create_app(scheduler: Scheduler, processor, config: ServerConfig | None = No
     metrics = metrics or Metrics()
     metrics.watch(scheduler)
     server = Server(scheduler, processor, config, metrics)
+    metrics.watch_media(server.media)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -372,6 +374,7 @@ class BackgroundServer:
         self._socket.bind((host, 0))
         self.port = self._socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}/v1"
+        self.app = app
         self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from haplo.runtime.scheduler import Observer, Scheduler
 
@@ -27,6 +27,19 @@ class _SchedulerGauges:
             yield GaugeMetricFamily(f"haplo_{name}", doc, value=stats[name])
 
 
+class _MediaCacheMetrics:
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def collect(self):
+        c = self.cache
+        yield GaugeMetricFamily("haplo_media_cache_bytes", "bytes of decoded media kept by content", value=c.bytes)
+        lookups = CounterMetricFamily("haplo_media_cache_lookups", "decoded-media lookups", labels=["result"])
+        lookups.add_metric(["hit"], c.hits)
+        lookups.add_metric(["miss"], c.misses)
+        yield lookups
+
+
 class Metrics(Observer):
     """The scheduler's observer and the `/metrics` page, on a registry of its own."""
 
@@ -48,6 +61,10 @@ class Metrics(Observer):
 
     def watch(self, scheduler: Scheduler) -> None:
         self.registry.register(_SchedulerGauges(scheduler))
+
+    def watch_media(self, cache) -> None:
+        """Report a `haplo.serving.media.MediaCache`'s size, hits and misses."""
+        self.registry.register(_MediaCacheMetrics(cache))
 
     def observe(self, metric: str, seconds: float) -> None:
         self.histograms[metric].observe(seconds)
