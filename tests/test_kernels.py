@@ -53,9 +53,13 @@ def _reference_adaln(x, p, mode):
 
 
 @pytest.mark.parametrize("mode", ["rmsnorm", "layernorm"])
-@pytest.mark.parametrize("shape, hidden, switch_scale", [((7,), 64, 1.0), ((2, 5), 96, 1.0), ((3,), 40, 30.0)])
+@pytest.mark.parametrize(
+    "shape, hidden, switch_scale",
+    [((7,), 64, 1.0), ((2, 5), 96, 1.0), ((3,), 40, 30.0), ((5, 9), 256, 1.0), ((3,), 4096, 1.0)],
+)
 def test_adaln_matches_reference(mode, shape, hidden, switch_scale):
-    # hidden 96 and 40 are not powers of two (masked columns); switch_scale 30 saturates the switch
+    # hidden 96 and 40 are not powers of two (masked columns); switch_scale 30 saturates the switch;
+    # 45 rows of 256 take three programs of 16 rows, the last one part full; 4096 is one row a program
     x, p = _adaln_inputs(shape, hidden, switch_scale=switch_scale)
     out, gate = kernels.multimodal_adaln(x, **p, eps=1e-5, mode=mode)
     ref_out, ref_gate = _reference_adaln(x, p, mode)
@@ -115,6 +119,21 @@ def test_attention_matches_reference(case, tactic):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     if case == "all-padding-row":
         assert torch.count_nonzero(out[1]) == 0
+
+
+def test_attention_skips_the_key_tiles_no_query_of_a_program_sees(monkeypatch):
+    """Causal prefill of 200 text tokens after 70 slots of left padding, tiles of 64 x 64: a program
+    attends only the tiles from the first real key up to its own last query, and gives the reference."""
+    key_start = _layout([("text", 270)], [70])
+    q, k, v = (torch.randn(1, 2, 270, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    tiles = []
+    attend = kernels._attend_tile
+    monkeypatch.setattr(kernels, "_attend_tile", lambda *a: tiles.append(None) or attend(*a))
+    out = kernels.hybrid_attention(q, k, v, key_start, tactic=1)
+    torch.testing.assert_close(out, ops.hybrid_attention(q, k, v, key_start), atol=2e-5, rtol=1e-4)
+    # query tile t (rows 64t .. 64t + 63) sees key tiles 1 .. t (tile 0 is padding only): 1+2+3+4 per head,
+    # of the 5 x 5 a program would sweep
+    assert len(tiles) == 2 * (1 + 2 + 3 + 4)
 
 
 def test_attention_half_precision_and_int32_starts():
@@ -179,8 +198,19 @@ def test_the_ptx_targets_the_driver_and_stays_within_48_kb_at_paper_head_sizes()
     for spec, kernel in zip(specs, aot.compile_specs(specs)):
         assert kernel.ptx_version == "8.4" and ".version 8.4" in kernel.ptx, spec
         assert kernel.shared_bytes <= kernels.SHARED_BUDGET, (spec, kernel.shared_bytes)
+        # aligned pointers and compile-time row widths: 128-bit loads (and stores, where the rows are)
+        assert "ld.global.v4" in kernel.ptx, spec
+        assert spec["kernel"] == "attention" or "st.global.v4" in kernel.ptx, spec
+        if spec["kernel"] == "attention" and spec["dtype"] == "bf16":  # K/V tiles pipelined: async copies
+            assert "cp.async" in kernel.ptx, spec
     assert kernels.attention_tiles(1, True, 128)[:2] != kernels.ATTENTION_TILES[1][:2]  # fp32 d128 shrank
     assert kernels.attention_tiles(1, False, 64)[:2] == kernels.ATTENTION_TILES[1][:2]
+    # bf16 at head size 128: the estimate's 64 x 64 tiles need 80 KB once pipelined; the AOT step shrinks them
+    pipelined = aot.compile_attention("bf16", 128, 128**-0.5, 1)
+    assert (pipelined.constants["BLOCK_M"], pipelined.constants["BLOCK_N"]) != kernels.attention_tiles(1, False, 128)[
+        :2
+    ]
+    assert kernels.attention_tiles(1, False, 128, shrink=9)[:2] == (16, 16)  # the smallest there is
 
 
 def test_driver_ptx_rules():
@@ -242,14 +272,15 @@ def _desc(trt, trtp, tensor, dynamic=()):
 
 def test_adaln_plugin_launch_computes_the_reference(trt_plugin):
     trt, trtp, registry = trt_plugin
-    x, p = _adaln_inputs((2, 3), 48)
+    x, p = _adaln_inputs((5, 7), 48)
     inputs = [x, *p.values()]
     descs = [_desc(trt, trtp, x, dynamic=(0, 1))] + [_desc(trt, trtp, t) for t in p.values()]
     name, ptx, grid, threads, scalars = _aot_launch(
         trt, trtp, registry["haplo::MultimodalAdaLN"], descs, (1e-5, 1), tactic=0
     )
-    assert grid == (6, 1, 1) and scalars == [48] and ".target sm_90" in ptx
     kernel = aot.compile_adaln("fp32", 48, 1e-5, True)
+    assert kernel.constants["ROWS"] == 16 and kernel.constants["HIDDEN"] == 48
+    assert grid == (3, 1, 1) and scalars == [35] and ".target sm_90" in ptx  # 35 rows, 16 a program
     assert (name, threads) == (kernel.name, kernel.block_threads)
     # launch the kernel the way the engine will: same grid, inputs, scalars, outputs, constants
     out, gate = torch.empty_like(x), torch.empty_like(x)

@@ -198,7 +198,7 @@ def test_models_health_and_metrics(client, server):
 
 def test_media_sent_again_is_decoded_once_and_answers_the_same(client, server):
     cache = server.app.state.server.media
-    messages = video_message(5, QUESTIONS[2])
+    messages = video_message(40, QUESTIONS[2])  # a clip no other test sends
     hits, misses = cache.hits, cache.misses
     first = ask(client, messages, max_tokens=8).choices[0].message.content
     assert (cache.hits, cache.misses) == (hits, misses + 1)

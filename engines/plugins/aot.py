@@ -19,6 +19,10 @@ Three things a TensorRT AOT launch needs of the PTX, made sure of here:
   (`driver_cuda_version`, `ptx_isa_for_driver`), or given (`--ptx-version`, $HAPLO_PTX_VERSION).
 - Shared memory stays within 48 KB per block (`kernels.SHARED_BUDGET`): `KernelLaunchParams` has no
   opt-in for more.
+
+Every pointer parameter is compiled as 16-byte aligned (`tt.divisibility`, as Triton's JIT specialises
+an aligned tensor): the plugins' tensors are TensorRT's own activations and constants, allocated
+aligned, so with the row widths compile-time constants the loads and stores vectorise.
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ class KernelCompileError(HaploError, RuntimeError):
     """A kernel that Triton could not compile for the requested target."""
 
 
+class SharedMemoryError(KernelCompileError):
+    """A compiled kernel needs more shared memory per block than a TensorRT AOT launch gives."""
+
+
 @dataclass(frozen=True)
 class PtxKernel:
     """One compiled kernel variant: what a launcher needs besides the PTX text."""
@@ -109,11 +117,14 @@ def _compile(
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if ptx_version is not None:
         options["ptx_version"] = ptx_version
+    fn = _jit_function(kernel)
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, t in signature.items() if t[0] == "*"}
     try:
         src = ASTSource(
-            fn=_jit_function(kernel),
+            fn=fn,
             signature={**signature, **{k: "constexpr" for k in constants}},
             constexprs=constants,
+            attrs=aligned,
         )
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as err:  # Triton raises its own compilation errors with the MLIR diagnostics
@@ -126,7 +137,7 @@ def _compile(
             f"{kernel.__name__} needs Triton scratch memory, which a TensorRT AOT launch does not provide"
         )
     if meta.shared > kernels.SHARED_BUDGET:
-        raise KernelCompileError(
+        raise SharedMemoryError(
             f"{kernel.__name__} with {constants} needs {meta.shared} B of shared memory; a TensorRT AOT launch "
             f"gets {kernels.SHARED_BUDGET} B per block (KernelLaunchParams has no opt-in for more)"
         )
@@ -255,9 +266,15 @@ def _compile_adaln_here(
             "ssg_c_ptr",
         )
     }
-    signature["hidden"] = "i32"
+    signature["rows"] = "i32"
     signature.update(out_ptr=pointer, gate_ptr=pointer)
-    constants = {"EPS": float(eps), "LAYERNORM": bool(layernorm), "BLOCK_H": kernels.adaln_block(hidden)}
+    constants = {
+        "EPS": float(eps),
+        "LAYERNORM": bool(layernorm),
+        "HIDDEN": hidden,
+        "BLOCK_H": kernels.adaln_block(hidden),
+        "ROWS": kernels.adaln_rows(hidden),
+    }
     warps = kernels.adaln_warps(hidden)
     compiled = _compile(kernels.multimodal_adaln_kernel, signature, constants, arch, warps, ptx_version=ptx_version)
     return _ptx_kernel("MultimodalAdaLN", compiled, arch, dtype, constants, len(signature))
@@ -272,7 +289,33 @@ def _compile_attention_here(
     arch: int,
     ptx_version: int | None = None,
 ) -> PtxKernel:
-    block_m, block_n, warps, stages = kernels.attention_tiles(tactic, dtype == "fp32", head_dim)
+    """The tactic's tiles, or smaller ones where the compiled kernel exceeds `kernels.SHARED_BUDGET`."""
+    tiles, error = None, None
+    for shrink in range(8):
+        smaller = kernels.attention_tiles(tactic, dtype == "fp32", head_dim, shrink)
+        if smaller == tiles:  # the smallest tiles did not fit either
+            break
+        tiles = smaller
+        try:
+            return _compile_attention_tiles(dtype, head_dim, scale, key_start_dtype, arch, ptx_version, *tiles)
+        except SharedMemoryError as err:
+            error = err
+    assert error is not None
+    raise error
+
+
+def _compile_attention_tiles(
+    dtype: str,
+    head_dim: int,
+    scale: float,
+    key_start_dtype: str,
+    arch: int,
+    ptx_version: int | None,
+    block_m: int,
+    block_n: int,
+    warps: int,
+    stages: int,
+) -> PtxKernel:
     pointer = f"*{dtype}"
     signature = {
         "q_ptr": pointer,
@@ -354,8 +397,8 @@ def attention_spec(
 def compile_adaln(
     dtype: str, hidden: int, eps: float, layernorm: bool, arch: int = DEFAULT_ARCH, ptx_version: int | None = None
 ) -> PtxKernel:
-    """MultimodalAdaLN for one dtype, hidden size and norm mode. Grid: one program per token row;
-    scalar: hidden."""
+    """MultimodalAdaLN for one dtype, hidden size and norm mode. Grid: cdiv(rows, ROWS) programs;
+    scalar: rows (token rows)."""
     return compile_specs([adaln_spec(dtype, hidden, eps, layernorm, arch, ptx_version)])[0]
 
 

@@ -7,15 +7,20 @@ a GPU, and the Triton interpreter on CPU (`TRITON_INTERPRET=1`, set before trito
 Tensors are contiguous (TensorRT's LINEAR format); offsets are computed from the shapes. All
 arithmetic is fp32; outputs are stored in the input dtype.
 
-multimodal_adaln_kernel: one program per token row [H]: norm, switch, modulation, in one pass
-    over the row (the row lives in registers: BLOCK_H = next power of two >= H).
+multimodal_adaln_kernel: ROWS token rows [H] per program: norm, switch, modulation, in one pass
+    over each row (the rows live in registers: BLOCK_H = next power of two >= H, H a compile-time
+    constant, so row offsets are known multiples and the loads vectorise); the program reads the
+    parameter vectors once for its ROWS rows. Small widths take several rows per program (`adaln_rows`).
 
 hybrid_attention_kernel: flash attention with the block-start predicate evaluated per tile
     (key j visible to query row r iff key_start[b, j] <= Lk - Lq + r), never an Lq x Lk mask.
     GQA packing: one program serves the `groups` query heads that share a KV head, so K/V tiles are
     read once per KV head (the decode step with Lq = 1 reads the cache `groups` times less). In
     the [B, Hq, Lq, D] layout the rows of those heads are contiguous: packed row i is head
-    kv_head * groups + i // Lq, position i % Lq. A row that sees no key outputs zeros.
+    kv_head * groups + i // Lq, position i % Lq. A row that sees no key outputs zeros. A program sweeps
+    only the key tiles from the first to the last that one of its rows sees (`_seen_tiles`: a batch
+    row's left padding and the keys after a causal query tile are not read), with no branch inside
+    the sweep, so its K/V loads stay pipelined.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ ATTENTION_TILES = {
 
 
 @triton.jit
+def _row_vector(ptr, cols, valid):
+    """[1, BLOCK_H] fp32: one parameter row, broadcast over the program's token rows."""
+    return tl.load(ptr + cols, mask=valid, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def multimodal_adaln_kernel(
     x_ptr,
     weight_ptr,
@@ -49,52 +60,53 @@ def multimodal_adaln_kernel(
     indicator_bias_ptr,
     ssg_l_ptr,
     ssg_c_ptr,
-    hidden,
+    rows,
     out_ptr,
     gate_ptr,
     EPS: tl.constexpr,
     LAYERNORM: tl.constexpr,
+    HIDDEN: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row_ids = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_H)
-    valid = cols < hidden
-    x = tl.load(x_ptr + row * hidden + cols, mask=valid, other=0.0).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+    valid = cols < HIDDEN
+    mask = (row_ids < rows)[:, None] & valid[None, :]  # [ROWS, BLOCK_H]
+    offsets = row_ids[:, None] * HIDDEN + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if LAYERNORM:
-        centred = tl.where(valid, x - tl.sum(x, axis=0) / hidden, 0.0)
+        centred = tl.where(mask, x - (tl.sum(x, axis=1) / HIDDEN)[:, None], 0.0)
     else:
         centred = x
-    unit = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / hidden + EPS)
+    unit = centred * tl.rsqrt(tl.sum(centred * centred, axis=1) / HIDDEN + EPS)[:, None]
     if LAYERNORM:
-        normed = unit * weight + tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        normed = unit * _row_vector(weight_ptr, cols, valid) + _row_vector(bias_ptr, cols, valid)
         switch_in = x  # layernorm mode: the switch reads the raw input
     else:
-        normed = unit * weight
+        normed = unit * _row_vector(weight_ptr, cols, valid)
         switch_in = unit  # rmsnorm mode: the normalised input without the weight
 
     act = switch_in * tl.sigmoid(switch_in)  # silu; padded columns are silu(0) = 0
-    w_latent = tl.load(indicator_weight_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-    w_condition = tl.load(indicator_weight_ptr + hidden + cols, mask=valid, other=0.0).to(tl.float32)
-    logit_latent = tl.sum(act * w_latent, axis=0) + tl.load(indicator_bias_ptr).to(tl.float32)
-    logit_condition = tl.sum(act * w_condition, axis=0) + tl.load(indicator_bias_ptr + 1).to(tl.float32)
+    logit_latent = tl.sum(act * _row_vector(indicator_weight_ptr, cols, valid), axis=1)
+    logit_condition = tl.sum(act * _row_vector(indicator_weight_ptr + HIDDEN, cols, valid), axis=1)
+    logit_latent += tl.load(indicator_bias_ptr).to(tl.float32)
+    logit_condition += tl.load(indicator_bias_ptr + 1).to(tl.float32)
     # softmax over two logits; each weight from its own sigmoid keeps a tiny weight exact
-    p_latent = tl.sigmoid(logit_latent - logit_condition)
-    p_condition = tl.sigmoid(logit_condition - logit_latent)
+    p_latent = tl.sigmoid(logit_latent - logit_condition)[:, None]
+    p_condition = tl.sigmoid(logit_condition - logit_latent)[:, None]
 
     # ssg_* rows: shift, scale, gate
-    shift = p_latent * tl.load(ssg_l_ptr + cols, mask=valid, other=0.0).to(tl.float32) + p_condition * tl.load(
-        ssg_c_ptr + cols, mask=valid, other=0.0
-    ).to(tl.float32)
-    scale = p_latent * tl.load(ssg_l_ptr + hidden + cols, mask=valid, other=0.0).to(tl.float32) + p_condition * tl.load(
-        ssg_c_ptr + hidden + cols, mask=valid, other=0.0
-    ).to(tl.float32)
-    gate = p_latent * tl.load(ssg_l_ptr + 2 * hidden + cols, mask=valid, other=0.0).to(
-        tl.float32
-    ) + p_condition * tl.load(ssg_c_ptr + 2 * hidden + cols, mask=valid, other=0.0).to(tl.float32)
+    shift = p_latent * _row_vector(ssg_l_ptr, cols, valid) + p_condition * _row_vector(ssg_c_ptr, cols, valid)
+    scale = p_latent * _row_vector(ssg_l_ptr + HIDDEN, cols, valid) + p_condition * _row_vector(
+        ssg_c_ptr + HIDDEN, cols, valid
+    )
+    gate = p_latent * _row_vector(ssg_l_ptr + 2 * HIDDEN, cols, valid) + p_condition * _row_vector(
+        ssg_c_ptr + 2 * HIDDEN, cols, valid
+    )
     out = normed * (1.0 + scale) + shift
-    tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
-    tl.store(gate_ptr + row * hidden + cols, gate.to(gate_ptr.dtype.element_ty), mask=valid)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(gate_ptr + offsets, gate.to(gate_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -133,39 +145,95 @@ def hybrid_attention_kernel(
     kv_base = batch_kv.to(tl.int64) * k_len * HEAD_DIM
     starts_base = batch.to(tl.int64) * k_len
 
+    last_pos = tl.max(tl.where(row_valid, q_pos, -1), axis=0)  # the program's last query position
+    first, end = _seen_tiles(key_start_ptr + starts_base, k_len, last_pos, BLOCK_N)
+
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for first_key in range(0, k_len, BLOCK_N):
+    for first_key in range(first, end, BLOCK_N):
         keys = first_key + tl.arange(0, BLOCK_N)
         key_valid = keys < k_len
         starts = tl.load(key_start_ptr + starts_base + keys, mask=key_valid, other=MASKED_START)
-        visible = starts[None, :] <= q_pos[:, None]  # [BLOCK_M, BLOCK_N]: the block-start predicate
-
-        k = tl.load(
-            k_ptr + kv_base + keys[None, :] * HEAD_DIM + dims[:, None],
-            mask=key_valid[None, :] & dim_valid[:, None],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_N]
-        scores = tl.dot(q, k) * (SCALE * LOG2E)  # base-2 logits
-        scores = tl.where(visible, scores, float("-inf"))
-
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        # rows with nothing visible so far keep max -inf; subtract 0 there so exp2 gives 0, not NaN
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.exp2(scores - safe_max[:, None])
-        rescale = tl.exp2(row_max - safe_max)
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        v = tl.load(
-            v_ptr + kv_base + keys[:, None] * HEAD_DIM + dims[None, :],
-            mask=key_valid[:, None] & dim_valid[None, :],
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
-        row_max = new_max
+        row_max, row_sum, acc = _attend_tile(
+            q,
+            k_ptr,
+            v_ptr,
+            kv_base,
+            keys,
+            key_valid,
+            starts,
+            q_pos,
+            dims,
+            dim_valid,
+            row_max,
+            row_sum,
+            acc,
+            SCALE,
+            HEAD_DIM,
+        )
 
     out = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]  # row_sum == 0: acc is 0 -> zeros
     tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _seen_tiles(starts_ptr, k_len, last_pos, BLOCK_N: tl.constexpr):
+    """(first key, end) of the key tiles holding a key some query up to `last_pos` sees: the sweep
+    leaves out a batch row's left padding and the keys after a causal query tile, reading only the
+    block starts (8 bytes a key against the 2 x D elements of K and V)."""
+    first = k_len
+    end = 0
+    for first_key in range(0, k_len, BLOCK_N):
+        keys = first_key + tl.arange(0, BLOCK_N)
+        starts = tl.load(starts_ptr + keys, mask=keys < k_len, other=MASKED_START)
+        seen = tl.min(starts, axis=0) <= last_pos
+        first = tl.where(seen & (first_key < first), first_key, first)
+        end = tl.where(seen, first_key + BLOCK_N, end)
+    return first, end
+
+
+@triton.jit
+def _attend_tile(
+    q,
+    k_ptr,
+    v_ptr,
+    kv_base,
+    keys,
+    key_valid,
+    starts,
+    q_pos,
+    dims,
+    dim_valid,
+    row_max,
+    row_sum,
+    acc,
+    SCALE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """One key tile of online softmax: (row_max, row_sum, acc) after the tile's visible keys."""
+    visible = starts[None, :] <= q_pos[:, None]  # [BLOCK_M, BLOCK_N]: the block-start predicate
+    k = tl.load(
+        k_ptr + kv_base + keys[None, :] * HEAD_DIM + dims[:, None],
+        mask=key_valid[None, :] & dim_valid[:, None],
+        other=0.0,
+    )  # [BLOCK_D, BLOCK_N]
+    scores = tl.dot(q, k) * (SCALE * LOG2E)  # base-2 logits
+    scores = tl.where(visible, scores, float("-inf"))
+
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    # rows with nothing visible so far keep max -inf; subtract 0 there so exp2 gives 0, not NaN
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    probs = tl.exp2(scores - safe_max[:, None])
+    rescale = tl.exp2(row_max - safe_max)
+    row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+    v = tl.load(
+        v_ptr + kv_base + keys[:, None] * HEAD_DIM + dims[None, :],
+        mask=key_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )  # [BLOCK_N, BLOCK_D]
+    acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+    return new_max, row_sum, acc
 
 
 # -- launch helpers shared with the AOT step ---------------------------------------------------------
@@ -175,9 +243,17 @@ def adaln_block(hidden: int) -> int:
     return triton.next_power_of_2(hidden)
 
 
+ADALN_TILE = 4096  # row elements one AdaLN program holds: several narrow rows, or one wide row
+
+
+def adaln_rows(hidden: int) -> int:
+    """Token rows per AdaLN program: as many as fill ADALN_TILE (16 at hidden <= 256, 1 from 4096)."""
+    return max(1, min(16, ADALN_TILE // adaln_block(hidden)))
+
+
 def adaln_warps(hidden: int) -> int:
-    """Warps per row: about 8 fp32 values of the row per thread (4 warps up to 1024, 16 at 4096)."""
-    return min(16, max(4, adaln_block(hidden) // 256))
+    """Warps per program: about 8 fp32 values per thread (4 warps up to 1024 elements, 16 at 4096)."""
+    return min(16, max(4, adaln_rows(hidden) * adaln_block(hidden) // 256))
 
 
 def attention_block_d(head_dim: int) -> int:
@@ -189,18 +265,24 @@ def attention_block_d(head_dim: int) -> int:
 SHARED_BUDGET = 48 << 10
 
 
-def attention_tiles(tactic: int, fp32: bool, head_dim: int = 64) -> tuple[int, int, int, int]:
+def attention_tiles(tactic: int, fp32: bool, head_dim: int = 64, shrink: int = 0) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a tactic for a head size. fp32 runs one pipeline
     stage; the tiles halve (the larger first) until the shared memory they need, estimated as
-    (BLOCK_M + BLOCK_N + 40) rows of BLOCK_D elements, fits `SHARED_BUDGET` (fp32 at head size 128)."""
+    (BLOCK_M + BLOCK_N + 40) rows of BLOCK_D elements, fits `SHARED_BUDGET` (fp32 at head size 128),
+    then `shrink` times more (the AOT step's retry when the compiled kernel, its K/V loads pipelined
+    over the stages, needs more than the estimate)."""
     block_m, block_n, warps, stages = ATTENTION_TILES[tactic]
     row_bytes = attention_block_d(head_dim) * (4 if fp32 else 2)
     while (block_m + block_n + 40) * row_bytes > SHARED_BUDGET and max(block_m, block_n) > 16:
-        if block_n >= block_m:
-            block_n //= 2
-        else:
-            block_m //= 2
+        block_m, block_n = _halve(block_m, block_n)
+    for _ in range(shrink):
+        if max(block_m, block_n) > 16:
+            block_m, block_n = _halve(block_m, block_n)
     return block_m, block_n, warps, 1 if fp32 else stages
+
+
+def _halve(block_m: int, block_n: int) -> tuple[int, int]:
+    return (block_m, block_n // 2) if block_n >= block_m else (block_m // 2, block_n)
 
 
 def attention_tactic(query_rows: int) -> int:
@@ -236,15 +318,17 @@ def multimodal_adaln(
     out, gate = outputs if outputs is not None else (torch.empty_like(x), torch.empty_like(x))
     rows = x.numel() // hidden
     if rows:
-        multimodal_adaln_kernel[(rows,)](
+        multimodal_adaln_kernel[(triton.cdiv(rows, adaln_rows(hidden)),)](
             x,
             *params,
-            hidden,
+            rows,
             out,
             gate,
             EPS=float(eps),
             LAYERNORM=mode == "layernorm",
+            HIDDEN=hidden,
             BLOCK_H=adaln_block(hidden),
+            ROWS=adaln_rows(hidden),
             num_warps=adaln_warps(hidden),
         )
     return out, gate

@@ -152,12 +152,13 @@ def _define_adaln(trt, trtp) -> None:
         kernel = aot.compile_adaln(
             _triton_dtype(trt, x.dtype), hidden, epsilon, bool(layernorm), target_arch(), target_ptx_version()
         )
+        rows = x.shape_expr.numel() // hidden
         launch = trtp.KernelLaunchParams()
-        launch.grid_x = x.shape_expr.numel() // hidden  # one program per token row
+        launch.grid_x = trtp.cdiv(rows, kernel.constants["ROWS"])  # ROWS token rows per program
         launch.block_x = kernel.block_threads
         launch.shared_mem = kernel.shared_bytes
         scalars = trtp.SymIntExprs(1)
-        scalars[0] = trtp.SymInt32(hidden)
+        scalars[0] = trtp.SymInt32(rows)
         return kernel.name, kernel.ptx, launch, scalars
 
     @trtp.impl(ADALN_ID)

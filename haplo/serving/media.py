@@ -14,6 +14,7 @@ import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -37,15 +38,18 @@ def data_url(url: str, param: str) -> tuple[str, bytes]:
         raise ApiError(400, f"{param}: invalid base64 in the data URL", param) from None
 
 
+T = TypeVar("T")
+
+
 class MediaCache:
     """Decoded media by (kind, digest of the bytes, frames), thread-safe; `max_bytes` 0 keeps nothing."""
 
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
-        self._items: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
+        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple, make: Callable[[], object], size: Callable[[object], int]) -> object:
+    def get(self, key: tuple, make: Callable[[], T], size: Callable[[T], int]) -> T:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
