@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from haplo.engines.plugins import aot, kernels
 from haplo.export import custom_ops
@@ -121,19 +122,34 @@ def test_attention_matches_reference(case, tactic):
         assert torch.count_nonzero(out[1]) == 0
 
 
-def test_attention_skips_the_key_tiles_no_query_of_a_program_sees(monkeypatch):
+@triton.jit
+def _seen_tiles_probe(starts_ptr, k_len, last_pos, out_ptr, BLOCK_N: tl.constexpr):
+    first, end = kernels._seen_tiles(starts_ptr, k_len, last_pos, BLOCK_N)
+    tl.store(out_ptr, first)
+    tl.store(out_ptr + 1, end)
+
+
+def _seen_tiles(key_start: torch.Tensor, last_pos: int, block_n: int = 64) -> tuple[int, int]:
+    out = torch.zeros(2, dtype=torch.int64)
+    _seen_tiles_probe[(1,)](key_start.contiguous(), key_start.numel(), last_pos, out, BLOCK_N=block_n)
+    return int(out[0]), int(out[1])
+
+
+def test_attention_sweeps_only_the_key_tiles_a_program_sees():
     """Causal prefill of 200 text tokens after 70 slots of left padding, tiles of 64 x 64: a program
-    attends only the tiles from the first real key up to its own last query, and gives the reference."""
+    sweeps only the tiles from the first real key up to its own last query, and gives the reference."""
     key_start = _layout([("text", 270)], [70])
     q, k, v = (torch.randn(1, 2, 270, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    tiles = []
-    attend = kernels._attend_tile
-    monkeypatch.setattr(kernels, "_attend_tile", lambda *a: tiles.append(None) or attend(*a))
     out = kernels.hybrid_attention(q, k, v, key_start, tactic=1)
     torch.testing.assert_close(out, ops.hybrid_attention(q, k, v, key_start), atol=2e-5, rtol=1e-4)
-    # query tile t (rows 64t .. 64t + 63) sees key tiles 1 .. t (tile 0 is padding only): 1+2+3+4 per head,
-    # of the 5 x 5 a program would sweep
-    assert len(tiles) == 2 * (1 + 2 + 3 + 4)
+    # query tile t (rows 64t .. 64t + 63) sees key tiles 1 .. t (tile 0 is padding only)
+    bounds = [_seen_tiles(key_start[0], min(64 * t + 63, 269)) for t in range(5)]
+    assert bounds == [(270, 0), (64, 128), (64, 192), (64, 256), (64, 320)]
+    # 1+2+3+4 tiles per head, of the 5 x 5 a program would sweep
+    assert 2 * sum(max(0, end - first) // 64 for first, end in bounds) == 2 * (1 + 2 + 3 + 4)
+    # a bidirectional block past the last query is still seen, up to the block's last tile
+    block = _layout([("text", 10), ("block", 100), ("text", 90)], [0])[0]
+    assert _seen_tiles(block, 20) == (0, 128)
 
 
 def test_attention_half_precision_and_int32_starts():

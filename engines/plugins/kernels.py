@@ -155,23 +155,29 @@ def hybrid_attention_kernel(
         keys = first_key + tl.arange(0, BLOCK_N)
         key_valid = keys < k_len
         starts = tl.load(key_start_ptr + starts_base + keys, mask=key_valid, other=MASKED_START)
-        row_max, row_sum, acc = _attend_tile(
-            q,
-            k_ptr,
-            v_ptr,
-            kv_base,
-            keys,
-            key_valid,
-            starts,
-            q_pos,
-            dims,
-            dim_valid,
-            row_max,
-            row_sum,
-            acc,
-            SCALE,
-            HEAD_DIM,
-        )
+        visible = starts[None, :] <= q_pos[:, None]  # [BLOCK_M, BLOCK_N]: the block-start predicate
+
+        k = tl.load(
+            k_ptr + kv_base + keys[None, :] * HEAD_DIM + dims[:, None],
+            mask=key_valid[None, :] & dim_valid[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        scores = tl.dot(q, k) * (SCALE * LOG2E)  # base-2 logits
+        scores = tl.where(visible, scores, float("-inf"))
+
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # rows with nothing visible so far keep max -inf; subtract 0 there so exp2 gives 0, not NaN
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        rescale = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        v = tl.load(
+            v_ptr + kv_base + keys[:, None] * HEAD_DIM + dims[None, :],
+            mask=key_valid[:, None] & dim_valid[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+        row_max = new_max
 
     out = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]  # row_sum == 0: acc is 0 -> zeros
     tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -191,49 +197,6 @@ def _seen_tiles(starts_ptr, k_len, last_pos, BLOCK_N: tl.constexpr):
         first = tl.where(seen & (first_key < first), first_key, first)
         end = tl.where(seen, first_key + BLOCK_N, end)
     return first, end
-
-
-@triton.jit
-def _attend_tile(
-    q,
-    k_ptr,
-    v_ptr,
-    kv_base,
-    keys,
-    key_valid,
-    starts,
-    q_pos,
-    dims,
-    dim_valid,
-    row_max,
-    row_sum,
-    acc,
-    SCALE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    """One key tile of online softmax: (row_max, row_sum, acc) after the tile's visible keys."""
-    visible = starts[None, :] <= q_pos[:, None]  # [BLOCK_M, BLOCK_N]: the block-start predicate
-    k = tl.load(
-        k_ptr + kv_base + keys[None, :] * HEAD_DIM + dims[:, None],
-        mask=key_valid[None, :] & dim_valid[:, None],
-        other=0.0,
-    )  # [BLOCK_D, BLOCK_N]
-    scores = tl.dot(q, k) * (SCALE * LOG2E)  # base-2 logits
-    scores = tl.where(visible, scores, float("-inf"))
-
-    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-    # rows with nothing visible so far keep max -inf; subtract 0 there so exp2 gives 0, not NaN
-    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    probs = tl.exp2(scores - safe_max[:, None])
-    rescale = tl.exp2(row_max - safe_max)
-    row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-    v = tl.load(
-        v_ptr + kv_base + keys[:, None] * HEAD_DIM + dims[None, :],
-        mask=key_valid[:, None] & dim_valid[None, :],
-        other=0.0,
-    )  # [BLOCK_N, BLOCK_D]
-    acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
-    return new_max, row_sum, acc
 
 
 # -- launch helpers shared with the AOT step ---------------------------------------------------------
