@@ -97,6 +97,8 @@ def ptx() -> dict:
         "ptx_version": index["ptx_version"],
         "variants": len(index["kernels"]),
         "max_shared_bytes": max(k["shared_bytes"] for k in kernels_),
+        "max_registers": max(k["registers"] for k in kernels_),
+        "spill_bytes": sum(k["spill_bytes"] for k in kernels_),  # ptxas -v of every shipped PTX
         "param_counts": sorted({k["param_count"] for k in kernels_}),
     }
 
@@ -280,6 +282,7 @@ def _time_model(model, device: str) -> dict:
         steps.append(time.perf_counter() - started)
         token = logits.argmax(-1)
     result["tpot_ms"] = round(sorted(steps)[len(steps) // 2] * 1000, 2)
+    result["outputs_on"] = str(logits.device)  # the backend's results stay where they were computed
     result.update(_ddim_step(backend, ids, sync))
     return result
 

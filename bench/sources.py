@@ -57,9 +57,9 @@ class CompiledTorchBackend:
         }
         head = torch.compile(lambda h: model.lm_head(model.model.lm_hidden(h)), dynamic=True)
 
-        def run_stage(stage, hidden, position_ids, key_start, past=None):
+        def run_stage(stage, hidden, position_ids, key_start, past=None, use_cache=True):
             with torch.no_grad():
-                return compiled[stage](hidden, position_ids, key_start, past)
+                return compiled[stage](hidden, position_ids, key_start, past, use_cache=use_cache)
 
         def lm_head(hidden):
             with torch.no_grad():

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import psutil
+import torch
 
 from haplo.runtime.backend import Backend
 
@@ -87,12 +88,13 @@ PHASES = {
 class TimedBackend(Backend):
     """Wraps a backend and adds up wall time per phase (embed, pre, base, post, heads, vae).
 
-    Every backend returns host tensors, so a call's wall time includes its device work.
+    Results stay on the backend's device, so a phase on a GPU ends with a synchronize: its wall time
+    includes its device work.
     """
 
     def __init__(self, inner: Backend):
         self.inner = inner
-        self.name, self.config = inner.name, inner.config
+        self.name, self.config, self.device = inner.name, inner.config, inner.device
         self.cache_element_size = inner.cache_element_size
         self.totals: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
@@ -107,6 +109,8 @@ class TimedBackend(Backend):
         try:
             yield
         finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self.totals[phase] += time.perf_counter() - started
             self.calls[phase] += 1
 
@@ -135,9 +139,9 @@ class TimedBackend(Backend):
     def embed_generation(self, latents, timestep):
         return self._call("embed_generation", latents, timestep)
 
-    def run_stage(self, stage, hidden, position_ids, key_start, past=None):
+    def run_stage(self, stage, hidden, position_ids, key_start, past=None, use_cache=True):
         with self._timed(stage):
-            return self.inner.run_stage(stage, hidden, position_ids, key_start, past)
+            return self.inner.run_stage(stage, hidden, position_ids, key_start, past, use_cache)
 
     def lm_head(self, last_decoder_hidden_state):
         return self._call("lm_head", last_decoder_hidden_state)

@@ -18,14 +18,16 @@ from haplo.runtime.backend import Backend
 
 
 class GraphBackend(Backend):
-    def __init__(self, bundle: Bundle | str):
+    def __init__(self, bundle: Bundle | str, device: torch.device | str = "cpu"):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.config = self.bundle.config
-        self.constants = load_file(str(self.bundle.path(self.bundle.manifest.constants)))
+        self.device = torch.device(device)
+        self.constants = load_file(str(self.bundle.path(self.bundle.manifest.constants)), device=str(self.device))
 
     @abstractmethod
     def run(self, graph: str, **inputs: torch.Tensor) -> list[torch.Tensor]:
-        """Run one graph; host tensors in, host tensors out (in the graph's output order)."""
+        """Run one graph: tensors in from any device, out on `device`, in the graph's output order;
+        the results are the caller's (no later call overwrites them)."""
 
     def embed_text(self, input_ids):
         return self.run("embed_text", input_ids=input_ids.long())[0]
@@ -50,7 +52,7 @@ class GraphBackend(Backend):
         return self.run("lm_head", last_decoder_hidden_state=last_decoder_hidden_state.float())[0]
 
     def latent_head(self, hidden, temb, latent_shape):
-        latents = torch.zeros(latent_shape)  # only its shape is read by the graph
+        latents = torch.zeros(latent_shape, device=self.device)  # only its shape is read by the graph
         return self.run("latent_head", hidden_states=hidden.float(), temb=temb.float(), latents=latents)[0]
 
     def check_vae_size(self, latent_shape):

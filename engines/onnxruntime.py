@@ -131,13 +131,13 @@ class OrtBackend(GraphBackend):
         feeds = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
         return [torch.from_numpy(out) for out in self.session(graph).run(None, feeds)]
 
-    def run_stage(self, stage, hidden, position_ids, key_start, past=None):
+    def run_stage(self, stage, hidden, position_ids, key_start, past=None, use_cache=True):
         graph = STAGE_GRAPHS[stage]
         session = self.session(graph)
         binding = session.io_binding()
-        binding.bind_cpu_input("hidden_states", np.ascontiguousarray(hidden.float().numpy()))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids.long().numpy()))
-        binding.bind_cpu_input("key_start", np.ascontiguousarray(key_start.long().numpy()))
+        feeds = {"hidden_states": hidden.float(), "position_ids": position_ids.long(), "key_start": key_start.long()}
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value.detach().cpu().numpy()))
         layers = self.bundle.graphs[graph].layers
         if past is None:  # prefill: empty caches [B, kv, 0, D]
             cfg = self.config.stages[stage]
@@ -149,8 +149,8 @@ class OrtBackend(GraphBackend):
         for output in session.get_outputs():
             binding.bind_output(output.name, "cpu")
         session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return torch.from_numpy(outputs[0].numpy()), list(outputs[1:])
+        outputs = binding.get_outputs()  # the presents are the concatenations attention read anyway
+        return torch.from_numpy(outputs[0].numpy()), (list(outputs[1:]) if use_cache else None)
 
     def cache_tensors(self, past: list[ort.OrtValue]) -> list[torch.Tensor]:
         return [torch.from_numpy(value.numpy()) for value in past]

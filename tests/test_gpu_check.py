@@ -31,8 +31,10 @@ def test_the_dry_run_checks_the_kernels_and_the_end_to_end_path_on_cpu(tmp_path)
         "tensorrt": "skipped",
     }
     assert report["ptx"]["max_shared_bytes"] <= 48 << 10 and report["ptx"]["param_counts"] == [9, 10]
+    assert report["ptx"]["spill_bytes"] == 0 and report["ptx"]["max_registers"] <= 255
     assert all(c["max_abs_error"] < 1e-3 for c in report["kernels"]["checks"])
     assert report["torch_end_to_end"]["tiny_fp32"]["tpot_ms"] > 0
+    assert report["torch_end_to_end"]["tiny_fp32"]["outputs_on"] == "cpu"  # the dry run's device
 
 
 def test_the_gpu_run_checks_paper_scale_shapes():

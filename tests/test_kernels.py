@@ -196,6 +196,7 @@ def test_ptx_for_sm90_for_every_kernel_variant(tmp_path):
         assert f"{info['name']}_param_{own_args}" not in ptx
         assert info["shared_bytes"] <= kernels.SHARED_BUDGET
         assert info["block_threads"] == 32 * info["num_warps"]
+        assert 0 < info["registers"] <= 255 and info["spill_bytes"] == 0  # ptxas -v of the shipped PTX
     assert json.loads((tmp_path / aot.INDEX_NAME).read_text()) == index
 
 
@@ -214,6 +215,7 @@ def test_the_ptx_targets_the_driver_and_stays_within_48_kb_at_paper_head_sizes()
     for spec, kernel in zip(specs, aot.compile_specs(specs)):
         assert kernel.ptx_version == "8.4" and ".version 8.4" in kernel.ptx, spec
         assert kernel.shared_bytes <= kernels.SHARED_BUDGET, (spec, kernel.shared_bytes)
+        assert kernel.spill_bytes == 0 and kernel.registers > 0, (spec, kernel.registers)
         # aligned pointers and compile-time row widths: 128-bit loads (and stores, where the rows are)
         assert "ld.global.v4" in kernel.ptx, spec
         assert spec["kernel"] == "attention" or "st.global.v4" in kernel.ptx, spec
@@ -227,6 +229,34 @@ def test_the_ptx_targets_the_driver_and_stays_within_48_kb_at_paper_head_sizes()
         :2
     ]
     assert kernels.attention_tiles(1, False, 128, shrink=9)[:2] == (16, 16)  # the smallest there is
+
+
+def test_a_spilling_kernel_is_refused_and_attention_retries_with_smaller_tiles(monkeypatch):
+    """ptxas -v reads the shipped PTX: a kernel that spills registers is refused, and attention
+    compiles again with smaller tiles until one does not."""
+    import types
+
+    adaln = aot.compile_adaln("fp32", 256, 1e-6, False)
+    registers, spills = aot.ptxas_usage(adaln.ptx)
+    assert registers == adaln.registers > 0 and spills == 0
+    with pytest.raises(aot.KernelCompileError, match="no .target"):
+        aot.ptxas_usage(".version 8.4\n")
+    meta = types.SimpleNamespace(name=adaln.name, num_warps=adaln.num_warps, shared=adaln.shared_bytes)
+    compiled = types.SimpleNamespace(metadata=meta, asm={"ptx": adaln.ptx})
+    monkeypatch.setattr(aot, "ptxas_usage", lambda ptx: (255, 96))
+    with pytest.raises(aot.RegisterSpillError, match="spills 96 B"):
+        aot._ptx_kernel("MultimodalAdaLN", compiled, 90, "fp32", {}, adaln.param_count)
+    tried = []
+
+    def tiles(*args):
+        tried.append(args[-4:-2])
+        if len(tried) < 3:
+            raise aot.RegisterSpillError("spills")
+        return args[-4:-2]
+
+    monkeypatch.setattr(aot, "_compile_attention_tiles", tiles)
+    assert aot._compile_attention_here("bf16", 64, 0.125, 1, "i64", 90) == tried[-1]
+    assert tried == [kernels.attention_tiles(1, False, 64, shrink)[:2] for shrink in range(3)]
 
 
 def test_driver_ptx_rules():

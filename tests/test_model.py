@@ -152,3 +152,16 @@ def test_prefix_reuse_is_exact_with_padding(tiny):
     reused = predict_v(backend, latents, t, ids, mask, prefix=encode_prompt(backend, ids, mask))
     torch.testing.assert_close(full, reference, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(reused, full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_stage_without_cache_gives_the_same_output_and_keeps_no_keys(tiny):
+    """DDIM steps throw their keys away: `use_cache=False` computes the same hidden states and
+    returns no present (each layer's keys and values are freed after the layer)."""
+    backend = TorchBackend(tiny)
+    width = tiny.config.stages["pre"].hidden_size
+    hidden, positions = torch.randn(2, 5, width), torch.arange(5).expand(2, 5)
+    key_start = torch.zeros(2, 5, dtype=torch.long)
+    with_cache, present = backend.run_stage("pre", hidden, positions, key_start)
+    without, none = backend.run_stage("pre", hidden, positions, key_start, use_cache=False)
+    assert none is None and len(present) == len(tiny.model.stage_layers("pre"))
+    assert torch.equal(with_cache, without)

@@ -277,3 +277,38 @@ def test_the_prefill_budget_spreads_admissions_over_decode_steps(mini):
         sched.step()
         sizes.append(sched.stats()["running_batch"])
     assert sizes[:3] == [1, 2, 3] and [s.tokens for s in streams] == expected
+
+
+@pytest.fixture
+def host_copies(monkeypatch):
+    """The shape of every tensor copied (or viewed) to the host through `.cpu()` / `.numpy()`."""
+    shapes: list[tuple] = []
+    for method in ("cpu", "numpy"):
+        real = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _real=real, **kwargs):
+            shapes.append(tuple(self.shape))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return shapes
+
+
+def test_the_runtime_brings_only_token_ids_and_finished_videos_to_the_host(mini, host_copies):
+    """Stage outputs, caches, logits and latents stay on the backend's device: on a GPU the only
+    transfers are one [rows] id vector per step and a job's result (checked here on CPU, where the
+    same calls would be the copies)."""
+    backend, processor = mini
+    inputs = questions(processor, 1)[0]
+    out = understand(backend, **inputs, max_new_tokens=5)
+    assert host_copies == [(1,)] * out.new_tokens.shape[1]
+    host_copies.clear()
+    sched = Scheduler(backend, start=False)
+    streams = [sched.submit(q, SamplingParams(max_new_tokens=4)) for q in questions(processor, 2)]
+    sched.run_until_idle()
+    assert all(s.status == "finished" for s in streams) and not host_copies  # ids leave through int()
+    pipe = TextToVideoPipeline(backend, processor)
+    job = sched.submit_video(pipe.request("A red circle moves up.", num_inference_steps=2))
+    sched.run_until_idle()
+    latents, video = tuple(job.latents.shape), tuple(job.video.shape)
+    assert host_copies == [latents, video]

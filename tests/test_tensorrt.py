@@ -76,7 +76,7 @@ def test_a_plugin_node_the_parser_inlined_fails_the_build():
         check_plugins_bound(trt, network, 3, "base_decoder")
 
 
-def test_the_engine_stream_waits_for_the_stream_that_wrote_its_inputs(monkeypatch):
+def test_the_engine_stream_and_the_callers_wait_for_each_other_not_the_host(monkeypatch):
     import contextlib
 
     from haplo.engines.tensorrt.runner import EngineRunner
@@ -84,13 +84,14 @@ def test_the_engine_stream_waits_for_the_stream_that_wrote_its_inputs(monkeypatc
     events = []
 
     class Stream:
-        cuda_stream = 7
+        def __init__(self, name):
+            self.name, self.cuda_stream = name, 7
 
         def wait_stream(self, other):
-            events.append(("wait", other))
+            events.append((self.name, "waits for", other.name))
 
         def synchronize(self):
-            events.append("sync")
+            events.append(f"{self.name} blocks the host")
 
     class Context:
         def set_input_shape(self, *args):
@@ -104,11 +105,14 @@ def test_the_engine_stream_waits_for_the_stream_that_wrote_its_inputs(monkeypatc
             return True
 
     runner = object.__new__(EngineRunner)
-    runner.stream, runner.context, runner.inputs, runner.outputs = Stream(), Context(), ["x"], []
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "producer")
+    runner.stream, runner.context, runner.inputs, runner.outputs = Stream("engine"), Context(), ["x"], []
+    producer = Stream("caller")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: producer)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     runner._run_eager({"x": torch.zeros(1)}, slot=0)
-    assert events == [("wait", "producer"), "enqueue", "sync"]
+    # the engine reads its inputs after the caller wrote them; the caller reads the outputs after
+    # the engine wrote them; the host is never blocked
+    assert events == [("engine", "waits for", "caller"), "enqueue", ("caller", "waits for", "engine")]
 
 
 def test_a_rebuilt_engine_is_resigned_so_the_bundle_still_opens(cli_bundle, tmp_path, monkeypatch):
@@ -332,6 +336,49 @@ def test_fp8_engines_build_and_agree(tiny_model, tmp_path):
     assert (reference == candidate).float().mean() >= 0.9
 
 
+def test_decoder_calls_stay_on_the_device_and_ddim_steps_share_one_slot(cli_bundle, monkeypatch):
+    """Stage outputs are the caller's own copies on the backend's device (no host round trip);
+    calls that keep their present alternate two slots, DDIM calls (use_cache=False) use a third and
+    return no present; the dead slot has the engine's cache dtype."""
+    from haplo.engines.tensorrt import backend as trt_backend
+
+    class Runner:
+        def __init__(self, layers):
+            self.calls, self.arenas = [], {}
+            self.dtypes = {f"past_key_values.{n}.key": torch.bfloat16 for n in layers}
+
+        def __call__(self, feeds, profile=0, slot=0):
+            self.calls.append((slot, feeds))
+            hidden = feeds["hidden_states"]
+            out = self.arenas.setdefault(slot, {"hidden_states_out": torch.empty_like(hidden)})
+            out["hidden_states_out"].copy_(hidden + 1)
+            for name, past in feeds.items():
+                if name.startswith("past_key_values."):
+                    out[name.replace("past_key_values", "present")] = torch.cat([past, past[:, :, -1:]], 2)
+            return out
+
+    backend = object.__new__(trt_backend.TensorRTBackend)
+    backend.bundle = Bundle.open(cli_bundle)
+    backend.config, backend.device = backend.bundle.config, torch.device("cpu")
+    backend.slots, backend.profiles = {stage: 0 for stage in trt_backend.STAGE_GRAPHS}, {"pre_decoder": {}}
+    runner = Runner(backend.bundle.graphs["pre_decoder"].layers)
+    monkeypatch.setattr(backend, "runner", lambda graph: runner, raising=False)
+    monkeypatch.setattr(trt_backend, "choose_profile", lambda profiles, shapes: 0)
+    width = backend.config.stages["pre"].hidden_size
+    hidden, positions, starts = torch.zeros(2, 3, width), torch.arange(3).expand(2, 3), torch.zeros(2, 3)
+    out, present = backend.run_stage("pre", hidden, positions, starts)
+    dead = runner.calls[0][1][next(n for n in runner.dtypes)]
+    assert dead.dtype == torch.bfloat16 and dead.shape[2] == 1 and not dead.any()
+    assert torch.equal(out, hidden + 1) and out.data_ptr() != runner.arenas[1]["hidden_states_out"].data_ptr()
+    kept = [t.clone() for t in present]
+    second, _ = backend.run_stage("pre", hidden, positions, torch.zeros(2, 3), kept)
+    for _ in range(2):
+        step, none = backend.run_stage("pre", hidden, positions, torch.zeros(2, 3), kept, use_cache=False)
+        assert none is None and torch.equal(step, hidden + 1)
+    assert [slot for slot, _ in runner.calls] == [1, 0, trt_backend.DISCARDED, trt_backend.DISCARDED]
+    assert backend.slots["pre"] == 0 and torch.equal(out, hidden + 1)  # later calls left `out` alone
+
+
 def test_the_scheduler_sees_tensorrt_caches_without_their_dead_slot():
     """Batches are padded and split on the real slots; the dead first slot every call carries comes back zero."""
     from haplo.engines.tensorrt.backend import TensorRTBackend
@@ -382,7 +429,7 @@ def graph_runner(monkeypatch):
             self.replays += 1
 
     stream = types.SimpleNamespace(cuda_stream=0, wait_stream=lambda other: None, synchronize=lambda: None)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "graph", lambda g, stream=None: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)

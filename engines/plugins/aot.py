@@ -20,6 +20,10 @@ Three things a TensorRT AOT launch needs of the PTX, made sure of here:
 - Shared memory stays within 48 KB per block (`kernels.SHARED_BUDGET`): `KernelLaunchParams` has no
   opt-in for more.
 
+The PTX that ships is assembled once more with Triton's bundled ptxas for its target (`ptxas_usage`),
+which proves the edited entry assembles and gives its registers and spill bytes: a kernel must not
+spill registers to local memory (attention then retries with smaller tiles, as for shared memory).
+
 Every pointer parameter is compiled as 16-byte aligned (`tt.divisibility`, as Triton's JIT specialises
 an aligned tensor): the plugins' tensors are TensorRT's own activations and constants, allocated
 aligned, so with the row widths compile-time constants the loads and stores vectorise.
@@ -33,6 +37,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -78,6 +83,10 @@ class SharedMemoryError(KernelCompileError):
     """A compiled kernel needs more shared memory per block than a TensorRT AOT launch gives."""
 
 
+class RegisterSpillError(KernelCompileError):
+    """A compiled kernel spills registers to local memory."""
+
+
 @dataclass(frozen=True)
 class PtxKernel:
     """One compiled kernel variant: what a launcher needs besides the PTX text."""
@@ -93,6 +102,8 @@ class PtxKernel:
     param_count: int  # the kernel's own arguments (Triton's scratch pointers are taken out)
     ptx_version: str  # the PTX ISA of `.version`
     ptx: str
+    registers: int = 0  # per thread, as ptxas assembles the PTX for its target
+    spill_bytes: int = 0  # local-memory spill stores + loads per thread (must be 0)
 
     def describe(self) -> dict:
         info = asdict(self)
@@ -159,9 +170,33 @@ def strip_scratch_params(ptx: str, entry: str, own: int) -> str:
     return ptx[: found.start(2)] + "\n" + kept + ptx[found.end(2) :]
 
 
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers, spill bytes) of a PTX module's kernel, assembled by Triton's ptxas for its `.target`."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    target = re.search(r"^\.target (sm_(\d+)\w*)", ptx, re.M)
+    if target is None:
+        raise KernelCompileError("the PTX names no .target")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp, "kernel.ptx")
+        source.write_text(ptx)
+        cmd = [get_ptxas(int(target.group(2))).path, "-v", f"--gpu-name={target.group(1)}", str(source)]
+        run = subprocess.run([*cmd, "-o", str(Path(tmp, "kernel.cubin"))], capture_output=True, text=True)
+    if run.returncode:
+        raise KernelCompileError(f"ptxas cannot assemble the PTX: {run.stderr.strip()[-500:]}")
+    registers = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+    if registers is None or spills is None:
+        raise KernelCompileError(f"ptxas -v gave no register use: {run.stderr.strip()[-300:]}")
+    return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
+
+
 def _ptx_kernel(op: str, compiled, arch: int, dtype: str, constants: dict, own: int) -> PtxKernel:
     entry = compiled.metadata.name
     ptx = strip_scratch_params(compiled.asm["ptx"], entry, own)
+    registers, spill_bytes = ptxas_usage(ptx)
+    if spill_bytes:
+        raise RegisterSpillError(f"{op} with {constants} spills {spill_bytes} B of registers per thread")
     params = re.search(rf"\.entry {re.escape(entry)}\((.*?)\)", ptx, re.S)
     version = re.search(r"^\.version (\S+)", ptx, re.M)
     return PtxKernel(
@@ -176,6 +211,8 @@ def _ptx_kernel(op: str, compiled, arch: int, dtype: str, constants: dict, own: 
         param_count=params.group(1).count(".param") if params else -1,
         ptx_version=version.group(1) if version else "",
         ptx=ptx,
+        registers=registers,
+        spill_bytes=spill_bytes,
     )
 
 
@@ -289,7 +326,8 @@ def _compile_attention_here(
     arch: int,
     ptx_version: int | None = None,
 ) -> PtxKernel:
-    """The tactic's tiles, or smaller ones where the compiled kernel exceeds `kernels.SHARED_BUDGET`."""
+    """The tactic's tiles, or smaller ones where the compiled kernel exceeds `kernels.SHARED_BUDGET` or
+    spills registers."""
     tiles, error = None, None
     for shrink in range(8):
         smaller = kernels.attention_tiles(tactic, dtype == "fp32", head_dim, shrink)
@@ -298,7 +336,7 @@ def _compile_attention_here(
         tiles = smaller
         try:
             return _compile_attention_tiles(dtype, head_dim, scale, key_start_dtype, arch, ptx_version, *tiles)
-        except SharedMemoryError as err:
+        except (SharedMemoryError, RegisterSpillError) as err:
             error = err
     assert error is not None
     raise error
@@ -470,7 +508,7 @@ def compile_for_config(
         index["kernels"][name] = {"file": f"{name}.ptx", **kernel.describe()}
         log(
             f"[{i}/{len(variants)}] {name}: {kernel.name}, {kernel.block_threads} threads, "
-            f"{kernel.shared_bytes} B shared"
+            f"{kernel.shared_bytes} B shared, {kernel.registers} registers"
         )
     write_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2))
     log(f"wrote {len(variants)} PTX files and {INDEX_NAME} to {out_dir} in {time.perf_counter() - started:.1f}s")

@@ -14,6 +14,8 @@ from haplo.engines.tensorrt.runner import EngineRunner
 from haplo.engines.tensorrt.status import EngineError, require_tensorrt
 from haplo.model.ops import MASKED_START
 
+DISCARDED = 2  # the output slot of decoder calls whose present nobody reads
+
 
 class TensorRTBackend(GraphBackend):
     """The runtime over a bundle's engines: device-resident KV cache, CUDA graphs for repeated shapes.
@@ -21,6 +23,11 @@ class TensorRTBackend(GraphBackend):
     TensorRT profiles need past length >= 1, so every decoder call carries one dead cache slot in
     front (zeros, key start MASKED_START: never visible); the runtime's block starts are shifted
     by one to match, so masks and RoPE positions are unchanged.
+
+    Everything stays on the GPU: stage outputs go to the next stage as they are (in the engine's
+    dtype), and only the runtime's token ids and a finished video come back to the host. A decoder
+    call whose present is thrown away (`use_cache=False`: every DDIM step) writes it to a slot of its
+    own, so those calls keep one set of output arenas and one CUDA graph per shape.
     """
 
     name = "tensorrt"
@@ -30,8 +37,8 @@ class TensorRTBackend(GraphBackend):
         return cls(bundle, **kwargs)
 
     def __init__(self, bundle: Bundle | str, cuda_graphs: bool = True, rebuild: bool = True):
-        super().__init__(bundle)
         require_tensorrt()
+        super().__init__(bundle, device="cuda")
         if not self.bundle.manifest.engines:
             raise BundleError(
                 f"{self.bundle.root}: the bundle has no TensorRT engines; build it with "
@@ -76,31 +83,48 @@ class TensorRTBackend(GraphBackend):
     def run(self, graph: str, **inputs: torch.Tensor) -> list[torch.Tensor]:
         runner = self.runner(graph)
         out = runner(inputs)
-        return [out[name].float().cpu() for name in runner.outputs]
+        # copied out of the runner's arenas (the next call of this graph reuses them), as float32
+        return [out[name].to(torch.float32, copy=True) for name in runner.outputs]
 
-    def run_stage(
-        self, stage: str, hidden: torch.Tensor, position_ids: torch.Tensor, key_start: torch.Tensor, past=None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        graph = STAGE_GRAPHS[stage]
-        layers = self.bundle.graphs[graph].layers
+    def _stage_feeds(self, stage: str, hidden, position_ids, key_start, past) -> dict[str, torch.Tensor]:
+        """The engine's inputs: the dead slot in front of the cache and the key starts, on the GPU."""
+        layers = self.bundle.graphs[STAGE_GRAPHS[stage]].layers
         batch = hidden.shape[0]
-        key_start = key_start.long()
+        key_start = key_start.to(self.device, torch.long)
         key_start = torch.where(key_start < MASKED_START, key_start + 1, key_start)
-        key_start = torch.cat([torch.full((batch, 1), MASKED_START, dtype=torch.long), key_start], dim=1)
+        masked = torch.full((batch, 1), MASKED_START, dtype=torch.long, device=self.device)
+        feeds = {"hidden_states": hidden, "position_ids": position_ids, "key_start": torch.cat([masked, key_start], 1)}
         if past is None:
-            cfg = self.config.stages[stage]
-            dead = torch.zeros(cfg.kv_shape(batch, 1), device="cuda")
-            past = [dead] * (2 * len(layers))
-        feeds = {"hidden_states": hidden, "position_ids": position_ids.long(), "key_start": key_start}
+            dtype = self.runner(STAGE_GRAPHS[stage]).dtypes[f"past_key_values.{layers[0]}.key"]
+            past = [torch.zeros(self.config.stages[stage].kv_shape(batch, 1), dtype=dtype, device=self.device)] * (
+                2 * len(layers)
+            )
         for i, n in enumerate(layers):
             feeds[f"past_key_values.{n}.key"], feeds[f"past_key_values.{n}.value"] = past[2 * i], past[2 * i + 1]
-        # Alternate output slots: this call's present must not overwrite the past it reads.
-        self.slots[stage] ^= 1
+        return feeds
+
+    def run_stage(
+        self,
+        stage: str,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_start: torch.Tensor,
+        past=None,
+        use_cache: bool = True,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        graph = STAGE_GRAPHS[stage]
+        feeds = self._stage_feeds(stage, hidden, position_ids, key_start, past)
+        if use_cache:  # alternate two slots: this call's present must not overwrite the past it reads
+            self.slots[stage] ^= 1
+        slot = self.slots[stage] if use_cache else DISCARDED
         runner = self.runner(graph)
         profile = choose_profile(self.profiles[graph], {n: tuple(t.shape) for n, t in feeds.items()})
-        out = runner(feeds, profile=profile, slot=self.slots[stage])
-        presents = [out[f"present.{n}.{kind}"] for n in layers for kind in ("key", "value")]
-        return out["hidden_states_out"].float().cpu(), presents
+        out = runner(feeds, profile=profile, slot=slot)
+        hidden = out["hidden_states_out"].clone()  # the arena is this slot's: the next call reuses it
+        if not use_cache:
+            return hidden, None
+        layers = self.bundle.graphs[graph].layers
+        return hidden, [out[f"present.{n}.{kind}"] for n in layers for kind in ("key", "value")]
 
     def cache_tensors(self, past: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t[:, :, 1:] for t in past]  # without the dead slot every call puts first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,9 @@ class EngineRunner:
     calls allocate nothing. Outputs of one call stay valid until the next call with the same `slot`:
     decoder stages alternate two slots, so this step's `present` never overwrites the `past` it
     reads. With `cuda_graphs`, a call whose shapes repeat (every DDIM step after the first) replays a
-    captured CUDA graph instead of enqueueing again (at most MAX_GRAPHS kept).
+    captured CUDA graph instead of enqueueing again (at most MAX_GRAPHS kept). The host never waits
+    for a call: the caller's stream waits for the engine's (`_ordered`), so the next stage is
+    enqueued while this one runs.
     """
 
     device = "cuda"
@@ -108,14 +111,23 @@ class EngineRunner:
             raise EngineError("TensorRT execution failed (see the log)")
         return outputs
 
-    def _run_eager(self, feeds: dict, slot: int, context=None) -> dict:
-        # The feeds (casts, the zeroed dead KV slot, kept prefix caches) were written on the caller's
-        # stream: the engine's stream must not read them before that work is done.
-        self.stream.wait_stream(torch.cuda.current_stream())
+    @contextmanager
+    def _ordered(self):
+        """Run on the engine's stream between the caller's work before and after, host not blocked.
+
+        The feeds (casts, the zeroed dead KV slot, kept prefix caches) were written on the caller's
+        stream, so the engine's stream waits for it; the caller's stream then waits for the engine,
+        so whatever reads the outputs (the next stage, a sampled token's copy to the host) and any
+        reuse of the feeds' memory comes after it."""
+        caller = torch.cuda.current_stream()
+        self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
-            out = self._enqueue(context or self.context, feeds, slot=slot)
-        self.stream.synchronize()
-        return out
+            yield
+        caller.wait_stream(self.stream)
+
+    def _run_eager(self, feeds: dict, slot: int, context=None) -> dict:
+        with self._ordered():
+            return self._enqueue(context or self.context, feeds, slot=slot)
 
     def _capture(self, feeds: dict, profile: int, stable: set) -> _Captured:
         """A new context and CUDA graph for this call: stable inputs bound in place, the rest copied."""
@@ -163,11 +175,9 @@ class EngineRunner:
         if captured is None:
             self.select_profile(profile)
             return self._run_eager(feeds, slot)
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        with self._ordered():
             for name, tensor in feeds.items():
                 if name not in captured.stable:
                     captured.static[name].copy_(tensor)
             captured.graph.replay()
-        self.stream.synchronize()
         return captured.outputs

@@ -105,13 +105,13 @@ class RecordingBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def run_stage(self, stage, hidden, position_ids, key_start, past=None):
-        out = self.inner.run_stage(stage, hidden, position_ids, key_start, past)
+    def run_stage(self, stage, hidden, position_ids, key_start, past=None, use_cache=True):
+        out = self.inner.run_stage(stage, hidden, position_ids, key_start, past, use_cache)
         if stage in self.feeds:
             feed = {
-                "hidden_states": hidden.float().numpy(),
-                "position_ids": position_ids.long().numpy(),
-                "key_start": key_start.long().numpy(),
+                "hidden_states": hidden.float().cpu().numpy(),
+                "position_ids": position_ids.long().cpu().numpy(),
+                "key_start": key_start.long().cpu().numpy(),
             }
             cfg = self.inner.config.stages[stage]
             for i, n in enumerate(self.stage_layers[stage]):
@@ -119,7 +119,7 @@ class RecordingBackend:
                     empty = np.zeros(cfg.kv_shape(hidden.shape[0], 0), np.float32)
                     k = v = empty
                 else:
-                    k, v = (t.float().numpy() for t in past[i])
+                    k, v = (t.float().cpu().numpy() for t in past[i])
                 feed[f"past_key_values.{n}.key"], feed[f"past_key_values.{n}.value"] = k, v
             self.feeds[stage].append(feed)
         return out

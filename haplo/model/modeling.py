@@ -159,9 +159,11 @@ class HaploOmniModel(nn.Module):
         key_start: torch.Tensor,  # [B, Lpast + L]
         past: list | None = None,  # (k, v) per layer of this stage, or None
         hidden_states: list | None = None,
-    ) -> tuple[torch.Tensor, list]:
+        use_cache: bool = True,
+    ) -> tuple[torch.Tensor, list | None]:
         """One stage with its input/output transforms: pre = pre_norm, layers, pre_connector;
-        base = layers, norm, post_connector; post = layers. Returns (output, this stage's K/V)."""
+        base = layers, norm, post_connector; post = layers. Returns (output, this stage's K/V), or
+        (output, None) with `use_cache=False`: each layer's keys and values are freed after the layer."""
         if stage == "pre":
             x = self.pre_norm(x)
         rope = self.rope(stage, position_ids)
@@ -170,12 +172,13 @@ class HaploOmniModel(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(x)
             x, kv = self.layer_forward(index, x, rope, key_start, None if past is None else past[n])
-            presents.append(kv)
+            if use_cache:
+                presents.append(kv)
         if stage == "pre":
             x = self.pre_connector(x)
         elif stage == "base":
             x = self.post_connector(self.norm(x))
-        return x, presents
+        return x, (presents if use_cache else None)
 
     def layer_forward(self, index: int, x, rope, key_start, past=None):
         """One decoder layer; recomputed in backward when `gradient_checkpointing` is on (training)."""
@@ -188,7 +191,7 @@ class HaploOmniModel(nn.Module):
         hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
         x = inputs_embeds
         for stage in STAGES:
-            x, _ = self.stage_forward(stage, x, position_ids, key_start, None, hidden_states)
+            x, _ = self.stage_forward(stage, x, position_ids, key_start, None, hidden_states, use_cache=False)
         return x, hidden_states
 
     def lm_hidden(self, last_decoder_hidden_state: torch.Tensor) -> torch.Tensor:

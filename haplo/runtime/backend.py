@@ -2,8 +2,12 @@
 
 A backend runs the model's pieces, cut where the exported graphs are cut: embeddings, one decoder
 stage at a time (with its layers' KV cache in and out), and the heads. Tensors cross the interface
-as torch tensors on CPU; a backend may keep its own device-resident state (e.g. ONNX Runtime
-OrtValues for the KV cache) behind the opaque `past` objects it returns.
+as torch tensors on the backend's `device` (the CPU for ONNX Runtime, the GPU for TensorRT, the
+model's device for PyTorch): a backend takes inputs from any device and returns its results where it
+computed them, so a stage's output goes to the next stage without a host round trip. The runtime
+moves the processor's host tensors there once per request (`to_device`) and brings back only what a
+caller reads on the host: the sampled token ids, and a finished video. A backend may keep its own
+state (e.g. ONNX Runtime OrtValues for the KV cache) behind the opaque `past` objects it returns.
 """
 
 from __future__ import annotations
@@ -15,9 +19,15 @@ import torch
 from haplo.model.config import HaploOmniConfig
 
 
+def to_device(tensors: dict, device: torch.device) -> dict:
+    """The tensors of a processor batch on `device` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
 class Backend(ABC):
     name: str
     config: HaploOmniConfig
+    device: torch.device = torch.device("cpu")  # where the tensors it returns live
 
     # -- embeddings (pre width) -------------------------------------------------------------------
     @abstractmethod
@@ -40,11 +50,19 @@ class Backend(ABC):
     # -- decoder stages -----------------------------------------------------------------------------
     @abstractmethod
     def run_stage(
-        self, stage: str, hidden: torch.Tensor, position_ids: torch.Tensor, key_start: torch.Tensor, past=None
+        self,
+        stage: str,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_start: torch.Tensor,
+        past=None,
+        use_cache: bool = True,
     ):
         """One stage (see HaploOmniModel.stage_forward): hidden [B, L, in width], position_ids [B, L],
         key_start [B, Lpast + L], past = this stage's cache from a previous call or None.
-        Returns (hidden [B, L, out width], present) where present is this stage's cache after the call."""
+        Returns (hidden [B, L, out width], present) where present is this stage's cache after the call;
+        with `use_cache=False` (a DDIM step: its keys are thrown away) present is None and the backend
+        need not keep it."""
 
     # -- heads ------------------------------------------------------------------------------------
     @abstractmethod

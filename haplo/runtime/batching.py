@@ -28,7 +28,7 @@ def pad_left(tensors: list[torch.Tensor], key_start: torch.Tensor, slots: int):
     if slots == 0:
         return tensors, key_start
     padded = [F.pad(t, (0, 0, slots, 0)) for t in tensors]  # [B, Hkv, L, D] -> [B, Hkv, slots + L, D]
-    masked = torch.full((key_start.shape[0], slots), MASKED_START, dtype=key_start.dtype)
+    masked = torch.full((key_start.shape[0], slots), MASKED_START, dtype=key_start.dtype, device=key_start.device)
     return padded, torch.cat([masked, _shift(key_start, slots)], dim=1)
 
 
@@ -72,7 +72,7 @@ def merge(backend: Backend, states: list[DecodeState]) -> DecodeState:
 def select(backend: Backend, state: DecodeState, rows: list[int]) -> DecodeState:
     """Only `rows` of `state` (in that order), with the slots padding in all of them dropped."""
     assert state.key_start is not None and state.next_position is not None
-    index = torch.tensor(rows, dtype=torch.long)
+    index = torch.tensor(rows, dtype=torch.long, device=state.key_start.device)
     key_start = state.key_start[index]
     caches = {}
     for stage, tensors in _unpack(backend, state).items():

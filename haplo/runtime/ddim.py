@@ -38,7 +38,7 @@ def make_scheduler(gen: VideoGenerationConfig) -> CogVideoXDDIMScheduler:
 
 def encode_prompt(backend: Backend, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
     """The text prefix's cache in every layer: identical at every DDIM step, so computed once."""
-    key_start, position_ids, next_position = prefix_layout(attention_mask)
+    key_start, position_ids, next_position = prefix_layout(attention_mask.to(backend.device))
     _, presents = run_stack(backend, backend.embed_text(input_ids), position_ids, key_start)
     presents = {stage: backend.keep_cache(cache) for stage, cache in presents.items()}
     return DecodeState(presents, key_start, next_position)
@@ -60,13 +60,15 @@ def predict_v(
         if input_ids is None or attention_mask is None:
             raise ValueError("without a cached prefix, predict_v needs input_ids and attention_mask")
         text = backend.embed_text(input_ids)
-        sequence, key_start, position_ids = generation_sequence(text, time_token, latent_tokens, attention_mask)
-        hidden, _ = run_stack(backend, sequence, position_ids, key_start)
+        mask = attention_mask.to(backend.device)
+        sequence, key_start, position_ids = generation_sequence(text, time_token, latent_tokens, mask)
+        hidden, _ = run_stack(backend, sequence, position_ids, key_start, use_cache=False)
     else:
         if prefix.key_start is None or prefix.next_position is None:
             raise ValueError("prefix holds no cached text; build it with encode_prompt")
         key_start, position_ids = denoise_positions(prefix.key_start, prefix.next_position, num_visual)
-        hidden, _ = run_stack(backend, torch.cat([time_token, latent_tokens], 1), position_ids, key_start, prefix.past)
+        sequence = torch.cat([time_token, latent_tokens], 1)
+        hidden, _ = run_stack(backend, sequence, position_ids, key_start, prefix.past, use_cache=False)
     return backend.latent_head(hidden[:, -num_visual:], temb, tuple(latents.shape))
 
 
@@ -82,13 +84,14 @@ def denoise(
     reuse_prefix: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Classifier-free guided DDIM: v = v_neg + g (v_pos - v_neg), batch [negatives, prompts]."""
+    """Classifier-free guided DDIM: v = v_neg + g (v_pos - v_neg), batch [negatives, prompts]. The
+    loop runs on the backend's device; the latents come back there."""
     check_prompt_length(backend.config, input_ids.shape[1])
     if num_inference_steps < 1:
         raise RequestError(f"the number of DDIM steps must be >= 1, got {num_inference_steps}")
     scheduler = scheduler or make_scheduler(backend.config.video_generation)
     scheduler.set_timesteps(num_inference_steps)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents.to(backend.device) * scheduler.init_noise_sigma
     prefix = encode_prompt(backend, input_ids, attention_mask) if reuse_prefix else None
     for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
         batch = torch.cat([latents, latents])

@@ -13,7 +13,7 @@ import torch
 from haplo.errors import RequestError
 from haplo.model.config import STAGES, HaploOmniConfig
 from haplo.model.sequence import scatter_visual_features, understanding_key_start, understanding_positions
-from haplo.runtime.backend import Backend
+from haplo.runtime.backend import Backend, to_device
 from haplo.runtime.sampling import DecodeOutput, SamplingParams, next_token
 
 
@@ -36,13 +36,17 @@ def run_stack(
     position_ids: torch.Tensor,
     key_start: torch.Tensor,
     past: dict | None = None,
+    use_cache: bool = True,
 ) -> tuple[torch.Tensor, dict]:
-    """pre -> base -> post. Returns (last_decoder_hidden_state, stage -> present cache)."""
+    """pre -> base -> post on the backend's device. Returns (last_decoder_hidden_state, stage ->
+    present cache); with `use_cache=False` no stage keeps its present and the dict is empty."""
     presents = {}
     for stage in STAGES:
-        hidden, presents[stage] = backend.run_stage(
-            stage, hidden, position_ids, key_start, None if past is None else past[stage]
+        hidden, present = backend.run_stage(
+            stage, hidden, position_ids, key_start, None if past is None else past[stage], use_cache
         )
+        if use_cache:
+            presents[stage] = present
     return hidden, presents
 
 
@@ -71,6 +75,9 @@ def forward_tokens(
     state: DecodeState,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Run new tokens (prompt or one decode step) through the stack: last-position logits [B, vocab]."""
+    attention_mask = attention_mask.to(backend.device)
+    if attention_start_ids is not None:
+        attention_start_ids = attention_start_ids.to(backend.device)
     key_start = understanding_key_start(backend.config, attention_mask, attention_start_ids, state.length)
     position_ids = understanding_positions(attention_mask, state.next_position)
     if state.key_start is not None:
@@ -82,7 +89,9 @@ def forward_tokens(
 
 def prefill(backend: Backend, inputs: dict) -> tuple[torch.Tensor, DecodeState]:
     """The processor's batch (input_ids, attention_mask, optional pixels and start ids) through the
-    stack with empty caches: (next-token logits [B, vocab], the state to decode from)."""
+    stack with empty caches: (next-token logits [B, vocab], the state to decode from), on the
+    backend's device (image sizes stay on the host: they shape the tiles)."""
+    inputs = {**to_device(inputs, backend.device), "image_sizes": inputs.get("image_sizes")}
     attention_mask = inputs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(inputs["input_ids"])
@@ -101,7 +110,8 @@ def decode_step(
 ) -> tuple[torch.Tensor, DecodeState]:
     """One new token per row ([B] ids) after `state`; rows where `live` is False feed padding nobody
     attends. Returns (next-token logits [B, vocab], the state after it)."""
-    step_mask = torch.ones_like(token[:, None]) if live is None else live.long()[:, None]
+    token = token.to(backend.device)
+    step_mask = torch.ones_like(token[:, None]) if live is None else live.to(backend.device).long()[:, None]
     return forward_tokens(backend, backend.embed_text(token[:, None]), step_mask, None, state)
 
 
@@ -157,8 +167,8 @@ def understand(
     new_tokens, step_logits = [], []
     for step in range(params.max_new_tokens):
         if return_logits:
-            step_logits.append(logits)
-        token = next_token(logits, params, generator)
+            step_logits.append(logits.cpu())
+        token = next_token(logits, params, generator).cpu()  # the one host copy per step: [B] ids
         token = torch.where(finished, torch.full_like(token, pad), token)
         new_tokens.append(token)
         finished |= torch.isin(token, stop)

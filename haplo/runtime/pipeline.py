@@ -16,6 +16,8 @@ from haplo.runtime.requests import VideoRequest
 
 @dataclass
 class VideoOutput:
+    """On the host, whatever device the backend denoised on."""
+
     latents: torch.Tensor  # [num_prompts, F, C, h, w]
     videos: torch.Tensor | None = None  # [num_prompts, 3, frames, H, W] in [-1, 1]
 
@@ -103,5 +105,5 @@ class TextToVideoPipeline:
             progress,
         )
         if output_type == "latent":
-            return VideoOutput(latents)
-        return VideoOutput(latents, self.backend.vae_decode(latents))
+            return VideoOutput(latents.cpu())
+        return VideoOutput(latents.cpu(), self.backend.vae_decode(latents).cpu())

@@ -197,7 +197,7 @@ class VideoRequest:
 
 class VideoJob(Handle):
     """One video job: iterate to get the number of each DDIM step as it completes; then `latents`
-    and (when decoded) `video` [1, 3, frames, H, W] in [-1, 1]."""
+    and (when decoded) `video` [1, 3, frames, H, W] in [-1, 1], both on the host."""
 
     kind = "video"
 

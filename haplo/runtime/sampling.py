@@ -41,9 +41,13 @@ class DecodeOutput:
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """[B, vocab] raw logits -> [B] ids: greedy, or temperature -> top-k -> top-p sampling."""
+    """[B, vocab] raw logits -> [B] ids: greedy on the logits' device, or temperature -> top-k -> top-p
+    sampling on the generator's (the host's for a seeded `torch.Generator()`: a seed draws the same
+    tokens on every backend)."""
     if not params.do_sample:
         return logits.argmax(-1)
+    if generator is not None:
+        logits = logits.to(generator.device)
     logits = logits.float() / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]

@@ -346,7 +346,7 @@ class Scheduler:
         ddim = make_scheduler(self.backend.config.video_generation)
         ddim.set_timesteps(request.steps)
         prefix = encode_prompt(self.backend, request.input_ids, request.attention_mask)
-        return _VideoRow(job, ddim, request.noise * ddim.init_noise_sigma), prefix
+        return _VideoRow(job, ddim, request.noise.to(self.backend.device) * ddim.init_noise_sigma), prefix
 
     def _denoise(self) -> None:
         self._drop_videos()
@@ -381,10 +381,10 @@ class Scheduler:
 
     def _finish_video(self, row: _VideoRow) -> None:
         job = row.job
-        job.latents = row.latents
+        job.latents = row.latents.cpu()  # what a caller holds lives on the host
         try:
             if job.request.decode:
-                job.video = self.backend.vae_decode(row.latents)
+                job.video = self.backend.vae_decode(row.latents).cpu()
         except Exception as err:
             self._end(job, "failed", err)
             return
