@@ -310,6 +310,9 @@ SERVE_BAD_INPUT = [
     (["--max-prefill-tokens", "0"], "--max-prefill-tokens: 0 is out of range"),
     (["--media-cache-mib", "-1"], "--media-cache-mib: -1 is out of range"),
     (["--media-cache-mib", "lots"], "--media-cache-mib: expected an integer"),
+    (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
+    (["--preset", "tiny", "--device", "cuda:99"], "--device cuda:99: this machine has"),
+    (["--bundle", "{BUNDLE}", "--device", "cuda"], "a bundle runs where its backend does"),
 ]
 
 

@@ -59,6 +59,17 @@ FRACTION = _number(float, 0.0, 1.0, what="must be in [0, 1]")
 TOP_P = _number(float, 0.0, 1.0, low_open=True, what="must be in (0, 1]; 1 = off")
 
 
+def device_name(text: str) -> str:
+    """An argparse type: `cpu`, `cuda` or `cuda:N` (checked against this machine when the model loads)."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+DEVICE_HELP = "where PyTorch runs a --checkpoint or --preset: cpu (default), cuda or cuda:N"
+
+
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, set torch's threads, fill in the default model, run `args.handler`: the exit code
     (2 with one `error:` line for a HaploError)."""
@@ -117,6 +128,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         help="directory of Hugging Face tokenizer files (default: the checkpoint's, else built-in)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", type=device_name, default="cpu", help=DEVICE_HELP)
     parser.add_argument("--threads", type=POSITIVE, default=None, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -149,16 +161,33 @@ def load_config(args: argparse.Namespace) -> HaploOmniConfig:
     return preset(args.preset or DEFAULT_PRESET)
 
 
+def torch_device(args: argparse.Namespace):
+    """`--device` as a torch device, refused where this machine has no such device."""
+    import torch
+
+    device = torch.device(getattr(args, "device", "cpu"))
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UsageError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+        if (device.index or 0) >= count:
+            raise UsageError(
+                f"--device {args.device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    return device
+
+
 def load_model(args: argparse.Namespace) -> HaploOmniForConditionalGeneration:
-    """The checkpoint's model, else the preset's with random weights from `--seed`, in `--dtype`."""
+    """The checkpoint's model, else the preset's with random weights from `--seed`, in `--dtype`, on
+    `--device`."""
     import torch
 
     from haplo.model.modeling import HaploOmniForConditionalGeneration
 
-    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    dtype, device = getattr(torch, getattr(args, "dtype", "float32")), torch_device(args)
     if args.checkpoint is not None:
-        return HaploOmniForConditionalGeneration.from_pretrained(args.checkpoint, dtype=dtype)
-    return HaploOmniForConditionalGeneration.from_config(load_config(args), seed=args.seed, dtype=dtype)
+        return HaploOmniForConditionalGeneration.from_pretrained(args.checkpoint, dtype=dtype).to(device)
+    return HaploOmniForConditionalGeneration.from_config(load_config(args), seed=args.seed, dtype=dtype).to(device)
 
 
 def load_tokenizer_for(args: argparse.Namespace, config: HaploOmniConfig) -> PreTrainedTokenizerBase:
@@ -198,6 +227,11 @@ def load_backend(args: argparse.Namespace, need_vae: bool = True) -> tuple[Any, 
     if getattr(args, "bundle", None) is not None:
         from haplo.model.tokenizer import load_tokenizer
 
+        if getattr(args, "device", "cpu") != "cpu":
+            raise UsageError(
+                f"--device {args.device} is for PyTorch (--checkpoint, --preset); a bundle runs where its "
+                "backend does: --backend tensorrt for the GPU"
+            )
         backend, bundle = _bundle_backend(args)
         tokenizer = load_tokenizer(args.tokenizer or bundle.path(bundle.manifest.tokenizer))
         return backend, HaploOmniProcessor(tokenizer, backend.config)
@@ -206,6 +240,7 @@ def load_backend(args: argparse.Namespace, need_vae: bool = True) -> tuple[Any, 
 
     model = load_model(args)
     vae = vae_for_checkpoint(args.checkpoint, model.config, getattr(args, "vae", None)) if need_vae else None
+    vae = None if vae is None else vae.to(model.device)
     return TorchBackend(model, vae), HaploOmniProcessor(load_tokenizer_for(args, model.config), model.config)
 
 

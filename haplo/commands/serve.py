@@ -17,11 +17,13 @@ import sys
 from pathlib import Path
 
 from haplo.commands.common import (
+    DEVICE_HELP,
     NON_NEGATIVE,
     POSITIVE,
     Parser,
     _number,
     add_model_args,
+    device_name,
     load_backend,
     run_command,
     source_name,
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="for --bundle")
     parser.add_argument("--tokenizer", type=Path, help="Hugging Face tokenizer directory (default: the model's)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="PyTorch")
+    parser.add_argument("--device", type=device_name, default="cpu", help=DEVICE_HELP)
     parser.add_argument("--vae", type=Path, help="diffusers AutoencoderKLCogVideoX directory (default: checkpoint/vae)")
     parser.add_argument("--threads", type=POSITIVE, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
