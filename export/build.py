@@ -32,7 +32,7 @@ from haplo.cpuinfo import cpu_info
 from haplo.export import cache, custom_ops, graphs, parity, validate
 from haplo.export.graphs import GraphSpec, export_graph, graph_specs
 from haplo.export.quantize import activations, calibration, policy, rewrite
-from haplo.export.report import append_task_report, keep_failed_report, write_report
+from haplo.export.report import append_activations_report, append_task_report, keep_failed_report, write_report
 from haplo.export.validate import ParityError, Tolerances, validate_graph
 from haplo.model.config import STAGES
 from haplo.model.processor import HaploOmniProcessor
@@ -480,6 +480,7 @@ def _lower(plan: _Plan, options: BuildOptions, exported: _Exported, manifest: Ma
     if lowered:
         manifest.graphs = exported.entries
         manifest.quantization["activations"] = lowered
+        append_activations_report(tmp, lowered)
 
 
 def _lower_graph(spec: GraphSpec, entry: GraphEntry, dtype: int, tmp: Path, min_cosine: float) -> dict:

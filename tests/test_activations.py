@@ -46,7 +46,9 @@ def test_the_fp16_lowered_decoder_runs_on_onnxruntime_and_matches_torch(tiny, tm
 
 def _build(tiny, out, precision, target):
     model, tokenizer = tiny
-    options = BuildOptions(out=out, precision=precision, target=target, build_engines=False, check_steps=4)
+    options = BuildOptions(
+        out=out, precision=precision, target=target, build_engines=False, check_steps=4, ddim_steps=1
+    )
     return build_bundle(model, None, tokenizer, options, BundleEngines(), log=lambda _: None)
 
 
@@ -78,6 +80,7 @@ def test_an_fp8_tensorrt_bundle_has_bf16_kv_cache_plugin_io_and_matmuls(tiny, tm
         record = manifest.quantization["activations"][name]
         assert record["dtype"] == "bfloat16" and record["fp16_check"]["cosine"] > 0.99  # fp8 error included
     assert bundle.graphs["lm_head"].activations == "float32"
+    assert "## Activations for TensorRT" in (tmp_path / "trt" / "report.md").read_text()
 
 
 def test_onnxruntime_bundles_keep_fp32_activations_and_old_manifests_open(tiny, tmp_path):

@@ -29,7 +29,7 @@ from haplo.export.quantize.rewrite import _module_of
 
 FLOAT = TensorProto.FLOAT
 FLOATS = (FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
-LOW_DTYPES = {TensorProto.BFLOAT16: "bfloat16", TensorProto.FLOAT16: "float16"}
+LOW_DTYPES: dict[int, str] = {TensorProto.BFLOAT16: "bfloat16", TensorProto.FLOAT16: "float16"}
 LOWERED_PRECISIONS = ("fp16", "bf16", "fp8", "int8")  # Q/DQ or cast graphs whose activations TensorRT lowers
 KV_PREFIXES = ("past_key_values.", "present.")
 _FP32_ONLY_INPUTS = {"Resize": (1, 2)}  # inputs whose type is fixed to float whatever the data's type
