@@ -6,6 +6,8 @@
                 rewritten to its precision and checked against the fp32 module
     write       constants, tokenizer and the manifest, in a staging directory
     check       greedy decoding and guided DDIM, PyTorch against the staged bundle on ONNX Runtime
+    lower       --target tensorrt, low precision: the decoders' activations and KV cache to bf16 / fp16
+                (after the checks, which ONNX Runtime's CPU kernels could not run in bf16)
     engines     TensorRT engines (--target tensorrt), through the engines the caller passes in
     swap        the staging directory replaces the target only when every check passed
 
@@ -25,12 +27,12 @@ import onnx
 from safetensors.torch import save_file
 
 from haplo.artifacts import check_output_dir, discard_staging, staging_dir, swap_into_place
-from haplo.bundle import Bundle, GraphEntry, Manifest, TensorSpec, VaeEntry, is_bundle
+from haplo.bundle import STAGE_GRAPHS, Bundle, GraphEntry, Manifest, TensorSpec, VaeEntry, is_bundle
 from haplo.cpuinfo import cpu_info
 from haplo.export import cache, custom_ops, graphs, parity, validate
 from haplo.export.graphs import GraphSpec, export_graph, graph_specs
-from haplo.export.quantize import calibration, policy, rewrite
-from haplo.export.report import append_task_report, keep_failed_report, write_report
+from haplo.export.quantize import activations, calibration, policy, rewrite
+from haplo.export.report import append_activations_report, append_task_report, keep_failed_report, write_report
 from haplo.export.validate import ParityError, Tolerances, validate_graph
 from haplo.model.config import STAGES
 from haplo.model.processor import HaploOmniProcessor
@@ -126,6 +128,7 @@ def build_bundle(
         _check_parity(model, vae, plan, options, exported, manifest, engines, tmp, log)
         if task is not None:
             _check_task(task, plan, options, manifest, engines, tmp, log)
+        _lower(plan, options, exported, manifest, tmp, log)
         if options.target == "tensorrt" and options.build_engines:
             log("building TensorRT engines (plugins for haplo nodes, prefill and decode profiles)")
             manifest.engines = engines.build_engines(tmp, manifest, log)
@@ -261,7 +264,8 @@ def _export_or_reuse(spec: GraphSpec, precision: str, plan: _Plan, ranges, optio
     rel = f"graphs/{spec.name}.onnx"
     digest = cache.content_hash(spec, plan.config_json, _export_key(precision, plan, options), plan.code, plan.versions)
     prior = plan.previous.get(spec.name)
-    if prior and prior[1].content_hash == digest and cache.reuse(prior[1], prior[0], tmp):
+    lowered = prior is not None and prior[1].activations != "float32"  # the checks need the graph before lowering
+    if prior and not lowered and prior[1].content_hash == digest and cache.reuse(prior[1], prior[0], tmp):
         check, qdq, action = prior[1].export_check, prior[1].quantization, "reused"
     else:
         if spec.name == "vae_decoder":  # static: exported and checked at the video size, which can take minutes
@@ -445,3 +449,53 @@ def _check_parity(
             "the budgets with --atol/--min-cosine/--min-token-agreement or --quant-min-* only if "
             "this is expected, or keep a graph in fp32 with --graph-precision NAME=fp32)"
         )
+
+
+# -- lower the activations (TensorRT) -----------------------------------------------------------------
+
+
+def _lower(plan: _Plan, options: BuildOptions, exported: _Exported, manifest: Manifest, tmp: Path, log) -> None:
+    """The low-precision decoders of a TensorRT bundle, checked on ONNX Runtime as rewritten, get
+    low-precision activations and KV cache; each is checked for structure and, through the same pass
+    in fp16, for accuracy on ONNX Runtime. Summaries go into the graph entries and the manifest."""
+    specs = {spec.name: spec for spec in plan.specs}
+    lowered: dict[str, dict] = {}
+    for name in STAGE_GRAPHS.values():
+        entry = exported.entries.get(name)
+        dtype = activations.activation_dtype(entry.precision, options.target) if entry else None
+        if entry is None or dtype is None:
+            continue
+        lowered[name] = _lower_graph(specs[name], entry, dtype, tmp, options.tolerances.quant_min_cosine)
+        exported.entries[name] = _graph_entry(
+            specs[name], tmp, entry.file, entry.precision, entry.content_hash, entry.export_check, entry.quantization
+        )
+        exported.entries[name].activations = activations.dtype_name(dtype)
+        check = lowered[name]["fp16_check"]
+        log(
+            f"{name}: activations and KV cache {activations.dtype_name(dtype)} "
+            f"({lowered[name]['tensors_lowered']} tensors, {lowered[name]['tensors_kept_fp32']} kept fp32); "
+            f"the pass in fp16 on ONNX Runtime vs PyTorch: cosine {check['cosine']:.6f}, "
+            f"max abs error {check['max_abs_error']:.2g}"
+        )
+    if lowered:
+        manifest.graphs = exported.entries
+        manifest.quantization["activations"] = lowered
+        append_activations_report(tmp, lowered)
+
+
+def _lower_graph(spec: GraphSpec, entry: GraphEntry, dtype: int, tmp: Path, min_cosine: float) -> dict:
+    """One graph file lowered in place; refused when malformed, or when the pass in fp16 is not finite
+    or below the low-precision cosine budget against PyTorch."""
+    path = tmp / entry.file
+    model = onnx.load(str(path))
+    fp16_check = validate.lowered_fp16_accuracy(spec, model)
+    summary = activations.lower_activations(model, dtype)
+    structure = validate.lowered_structure(model, dtype)
+    problems = structure["problems"] + ([] if fp16_check["finite"] else ["NaN or Inf in fp16"])
+    if fp16_check["cosine"] < min_cosine:
+        problems.append(f"fp16 cosine {fp16_check['cosine']:.5f} < {min_cosine}")
+    if problems:
+        raise ParityError(f"{spec.name}: lowered activations: {'; '.join(problems)}")
+    graphs.save_graph(model, path)
+    entry.quantization = {**(entry.quantization or {}), "activations": summary}
+    return {**summary, "structure": structure, "fp16_check": fp16_check}

@@ -30,6 +30,23 @@ def append_task_report(root: Path, task: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def append_activations_report(root: Path, lowered: dict) -> None:
+    """The decoders whose activations and KV cache were lowered for TensorRT, and their checks."""
+    lines = ["", "## Activations for TensorRT (lowered after the checks above, which ran on ONNX Runtime)", ""]
+    lines += [
+        "| graph | dtype | tensors lowered | kept fp32 | fp32 matmuls | fp16 pass vs PyTorch: cosine | max abs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in lowered.items():
+        check = r["fp16_check"]
+        lines.append(
+            f"| {name} | {r['dtype']} | {r['tensors_lowered']} | {r['tensors_kept_fp32']} | "
+            f"{len(r['structure']['fp32_matmuls'])} | {check['cosine']:.7f} | {check['max_abs_error']:.3g} |"
+        )
+    with open(root / "report.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def _graph_table(manifest: Manifest, parity: dict) -> list[str]:
     lines = [
         f"{TITLE}: {manifest.source.get('name', '')}",

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -20,9 +21,12 @@ from torch import nn
 from haplo.bundle import STAGE_GRAPHS
 from haplo.errors import HaploError
 from haplo.export.graphs import GraphSpec
+from haplo.export.quantize import activations
 from haplo.runtime.backend import Backend
 from haplo.runtime.ddim import denoise
 from haplo.runtime.decoding import decode_step, prefill, understand
+
+_FLOATS = activations.FLOATS
 
 
 @dataclass
@@ -217,3 +221,44 @@ def low_precision_accuracy(
     if result["cosine"] < 0.999:
         result["note"] = shortfall_note(precision, rewrite)
     return result
+
+
+# -- lowered activations (TensorRT): structure, and the same pass in fp16 on ONNX Runtime -------------
+
+
+def lowered_structure(model: onnx.ModelProto, dtype: int) -> dict:
+    """A graph whose activations were lowered to `dtype`: valid ONNX (full check), KV cache I/O and
+    plugin-node float inputs of that dtype, and the float32 matmuls left (the kept switch logits)."""
+    onnx.checker.check_model(model, full_check=True)
+    graph = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    kv = [v.name for v in [*graph.input, *graph.output] if activations.is_kv_cache(v.name)]
+    plugin_inputs = [i for n in graph.node if n.domain == "haplo" for i in n.input if types.get(i) in _FLOATS]
+    problems = [f"KV cache {n} is not {activations.LOW_DTYPES[dtype]}" for n in kv if types.get(n) != dtype]
+    problems += [f"plugin input {i} is not {activations.LOW_DTYPES[dtype]}" for i in plugin_inputs if types[i] != dtype]
+    return {
+        "checker": "ok",
+        "kv_cache_tensors": len(kv),
+        "plugin_inputs": len(plugin_inputs),
+        "fp32_matmuls": [n.name for n in graph.node if n.op_type == "MatMul" and types.get(n.output[0]) == _FLOATS[0]],
+        "problems": problems,
+    }
+
+
+def lowered_fp16_accuracy(spec: GraphSpec, model: onnx.ModelProto) -> dict:
+    """The lowering pass in fp16 (ONNX Runtime CPU has fp16 matmul / add / softmax, not bf16) on a copy
+    of the graph before lowering, against the fp32 torch module on the export samples."""
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    activations.lower_activations(lowered, onnx.TensorProto.FLOAT16)
+    options = ort.SessionOptions()
+    options.graph_optimization_level, options.log_severity_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, 3
+    session = ort.InferenceSession(lowered.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    halves = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+    feeds = [
+        {k: v.numpy().astype(np.float16) if k in halves else v.numpy() for k, v in sample.items()}
+        for sample in (spec.inputs, spec.check_inputs)
+        if sample
+    ]
+    return {**graph_accuracy(lambda feed: session.run(None, feed), spec.module, feeds), "dtype": "float16"}

@@ -55,6 +55,9 @@ class GraphEntry:
     custom_ops: list[str]  # haplo-domain op types in the graph
     export_check: dict[str, Any]  # the fp32 check of the exported graph against PyTorch
     quantization: dict[str, Any] | None = None  # the Q/DQ or cast rewrite of a low-precision graph
+    # dtype of the activations between the matmuls, the plugin nodes' I/O and the KV cache
+    # (past_key_values.* / present.*): "float32", or "bfloat16" / "float16" (TensorRT, low precision)
+    activations: str = "float32"
 
 
 @dataclass
