@@ -63,6 +63,18 @@ def check_int8_cpu(bundle: Bundle, optimization: ort.GraphOptimizationLevel) -> 
         )
 
 
+def check_float32_activations(bundle: Bundle) -> None:
+    """Refuse a bundle whose decoders carry bf16 / fp16 activations and KV cache (lowered for TensorRT)."""
+    lowered = {g: e.activations for g, e in bundle.graphs.items() if e.activations != "float32"}
+    if lowered:
+        graph, dtype = next(iter(lowered.items()))
+        raise BundleError(
+            f"{bundle.root}: built for TensorRT with {dtype} activations and KV cache ({graph} and "
+            f"{len(lowered) - 1} more), which this runtime does not run on ONNX Runtime; run it with "
+            "--backend tensorrt on an NVIDIA GPU, or build it with --target onnxruntime"
+        )
+
+
 class OrtBackend(GraphBackend):
     name = "onnxruntime"
 
@@ -82,6 +94,7 @@ class OrtBackend(GraphBackend):
         runs too ("on") made haplo-mini's decode step 3.7x and its prefill 3.4x slower, and halved a
         server's batched throughput."""
         super().__init__(bundle)
+        check_float32_activations(self.bundle)
         self.providers = providers or ["CPUExecutionProvider"]
         if optimization is None:  # quantized bundles record the level their Q/DQ graphs need
             name = self.bundle.manifest.onnxruntime_optimization

@@ -175,6 +175,7 @@ def _plan(model, vae, tokenizer, options: BuildOptions, out: Path) -> _Plan:
             f"--graph-precision names unknown graph(s) {', '.join(unknown)}; "
             f"graphs: {', '.join(spec.name for spec in specs)}"
         )
+    policy.check_checkable(graph_policy)
     int8 = "int8" in graph_policy.values()
     return _Plan(
         out,

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from haplo.bundle import STAGE_GRAPHS, Bundle, Manifest
+from haplo.bundle import STAGE_GRAPHS, Bundle, BundleError, Manifest
 from haplo.engines.bundle_engines import BundleEngines
 from haplo.export import validate
 from haplo.export.build import BuildOptions, build_bundle
@@ -81,6 +81,12 @@ def test_an_fp8_tensorrt_bundle_has_bf16_kv_cache_plugin_io_and_matmuls(tiny, tm
         assert record["dtype"] == "bfloat16" and record["fp16_check"]["cosine"] > 0.99  # fp8 error included
     assert bundle.graphs["lm_head"].activations == "float32"
     assert "## Activations for TensorRT" in (tmp_path / "trt" / "report.md").read_text()
+    from haplo.engines.onnxruntime import OrtBackend
+    from haplo.engines.tensorrt.backend import cache_element_size
+
+    assert cache_element_size(bundle) == 2  # the scheduler's KV bytes count bf16 elements
+    with pytest.raises(BundleError, match="built for TensorRT with bfloat16 activations"):
+        OrtBackend(bundle)
 
 
 def test_onnxruntime_bundles_keep_fp32_activations_and_old_manifests_open(tiny, tmp_path):

@@ -104,6 +104,16 @@ def test_policy_errors(parts, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_bf16_is_refused_before_any_work_where_onnx_runtime_cannot_check_it(parts, tmp_path, monkeypatch):
+    from haplo.export.quantize import policy
+
+    monkeypatch.setattr(policy, "onnxruntime_runs_bf16", lambda: False)
+    with pytest.raises(QuantizationError, match=r"bf16 graphs \(lm_head\) cannot be checked here"):
+        _build(parts, tmp_path / "x", "fp16", graph_precision={"lm_head": "bf16"})
+    assert not (tmp_path / "x").exists()
+    policy.check_checkable({"lm_head": "fp16", "pre_decoder": "int8"})  # the others are checked as before
+
+
 def _int8_weights(path) -> list[np.ndarray]:
     graph = onnx.load(str(path))
     return [

@@ -15,6 +15,13 @@ from haplo.engines.tensorrt.status import EngineError, require_tensorrt
 from haplo.model.ops import MASKED_START
 
 DISCARDED = 2  # the output slot of decoder calls whose present nobody reads
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def cache_element_size(bundle: Bundle) -> int:
+    """Bytes of one cached key or value element: the decoders' activation dtype (bf16 / fp16 when
+    the build lowered them for TensorRT)."""
+    return max(ELEMENT_BYTES[bundle.graphs[graph].activations] for graph in STAGE_GRAPHS.values())
 
 
 class TensorRTBackend(GraphBackend):
@@ -45,6 +52,7 @@ class TensorRTBackend(GraphBackend):
                 "`haplo-export build --target tensorrt` on a machine with an NVIDIA GPU"
             )
         self.cuda_graphs, self.rebuild = cuda_graphs, rebuild
+        self.cache_element_size = cache_element_size(self.bundle)
         self.runners: dict[str, EngineRunner] = {}
         self.profiles: dict[str, dict] = {}  # graph -> its engine's profiles, as the sidecar records them
         self.slots = {stage: 0 for stage in STAGE_GRAPHS}

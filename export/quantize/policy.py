@@ -8,6 +8,7 @@ without VNNI add u8 x s8 product pairs in saturating int16 (`haplo.cpuinfo`), so
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from haplo.cpuinfo import SATURATION_FREE_WEIGHT_MAX, cpu_info
@@ -42,6 +43,34 @@ def default_policy(precision: str) -> dict[str, str]:
     if precision == "int8-weight":  # a decode step reads the LM head's weights once more: int8 too
         decoders.update(lm_head=precision)
     return decoders
+
+
+@functools.cache
+def onnxruntime_runs_bf16() -> bool:
+    """Whether this ONNX Runtime's CPU kernels run a bfloat16 MatMul (the build checks every graph
+    on them; x86 builds have none)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    values = [helper.make_tensor_value_info(n, TensorProto.BFLOAT16, [2, 2]) for n in "abc"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "probe", values[:2], values[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # NOT_IMPLEMENTED: no kernel for the type
+        return False
+    return True
+
+
+def check_checkable(graph_policy: dict[str, str]) -> None:
+    """Refuse, before any work, a precision whose graphs this machine cannot run to check them."""
+    bf16 = sorted(graph for graph, precision in graph_policy.items() if precision == "bf16")
+    if bf16 and not onnxruntime_runs_bf16():
+        raise QuantizationError(
+            f"bf16 graphs ({', '.join(bf16)}) cannot be checked here: this ONNX Runtime has no bfloat16 "
+            "MatMul on CPU; use --precision fp16 (2-byte weights too; with --target tensorrt its "
+            "activations and KV cache are fp16), or fp8 / int8 (bf16 activations for TensorRT)"
+        )
 
 
 def resolve_policy(precision: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
