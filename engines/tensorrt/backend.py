@@ -15,13 +15,12 @@ from haplo.engines.tensorrt.status import EngineError, require_tensorrt
 from haplo.model.ops import MASKED_START
 
 DISCARDED = 2  # the output slot of decoder calls whose present nobody reads
-ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def cache_element_size(bundle: Bundle) -> int:
     """Bytes of one cached key or value element: the decoders' activation dtype (bf16 / fp16 when
     the build lowered them for TensorRT)."""
-    return max(ELEMENT_BYTES[bundle.graphs[graph].activations] for graph in STAGE_GRAPHS.values())
+    return max(getattr(torch, bundle.graphs[graph].activations).itemsize for graph in STAGE_GRAPHS.values())
 
 
 class TensorRTBackend(GraphBackend):

@@ -62,11 +62,11 @@ def lower_activations(model: onnx.ModelProto, dtype: int) -> dict:
 
 def _float_types(model: onnx.ModelProto) -> set[str]:
     """The names of every float tensor of the graph (shape inference over a weightless copy)."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model) if model.ByteSize() < 2**30 else _copy_without_weights(model, skeleton)
+    skeleton = _without_initializers(model)
     graph = skeleton.graph
-    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer)
-    del graph.initializer[:]
+    graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
+    )
     haplo = [o for n in graph.node if n.domain == "haplo" for o in n.output]  # typed like their input x
     graph.value_info.extend(helper.make_tensor_value_info(o, FLOAT, None) for o in haplo)
     inferred = onnx.shape_inference.infer_shapes(skeleton).graph
@@ -74,14 +74,16 @@ def _float_types(model: onnx.ModelProto) -> set[str]:
     return {v.name for v in values if v.type.tensor_type.elem_type in FLOATS}
 
 
-def _copy_without_weights(model: onnx.ModelProto, skeleton: onnx.ModelProto) -> None:
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` without its initializers: the weights are never copied."""
     inits = list(model.graph.initializer)
     del model.graph.initializer[:]
+    skeleton = onnx.ModelProto()
     try:
         skeleton.CopyFrom(model)
     finally:
         model.graph.initializer.extend(inits)
-    skeleton.graph.initializer.extend(helper.make_tensor(t.name, t.data_type, list(t.dims), []) for t in inits)
+    return skeleton
 
 
 class _Lowering:

@@ -74,10 +74,8 @@ def forward_tokens(
     attention_start_ids: torch.Tensor | None,
     state: DecodeState,
 ) -> tuple[torch.Tensor, DecodeState]:
-    """Run new tokens (prompt or one decode step) through the stack: last-position logits [B, vocab]."""
-    attention_mask = attention_mask.to(backend.device)
-    if attention_start_ids is not None:
-        attention_start_ids = attention_start_ids.to(backend.device)
+    """Run new tokens (prompt or one decode step) through the stack: last-position logits [B, vocab].
+    The mask and start ids are on the backend's device (`prefill` and `decode_step` put them there)."""
     key_start = understanding_key_start(backend.config, attention_mask, attention_start_ids, state.length)
     position_ids = understanding_positions(attention_mask, state.next_position)
     if state.key_start is not None:
