@@ -131,7 +131,8 @@ def table(doc: dict) -> str:
         f"({settings['latent_tokens']} tokens), {settings['repeats']} repeats after {settings['warmup']} warm-up",
         f"machine: {machine['cpu']}, {machine.get('isa', 'ISA not recorded')} "
         f"({machine['physical_cores']} cores), {machine['memory_gib']} GiB, "
-        f"copy bandwidth {machine['memory_bandwidth']['copy_gbs']:.1f} GB/s",
+        f"copy bandwidth {machine['memory_bandwidth']['copy_gbs']:.1f} GB/s"
+        + (f"; torch on {settings['device']} ({machine.get('gpu')})" if settings.get("device", "cpu") != "cpu" else ""),
         "x = speed-up over torch eager (time of torch / time of the backend); roofline = weight-bandwidth bound "
         "/ achieved decode step",
     ]

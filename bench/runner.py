@@ -7,6 +7,7 @@ the scaling sweeps, under a resident-memory sampler. Ratios are against torch ea
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import sys
@@ -50,6 +51,7 @@ class BenchOptions:
     out: Path = Path("bench/results/latest")
     work_dir: Path = Path(".cache/haplo-bench")
     peer: str | None = None  # "onnxruntime-genai": time the peer of the language half too
+    device: str = "cpu"  # where torch and torch-compile run (the GPU baseline on "cuda")
 
 
 def check_output(out: Path) -> None:
@@ -122,11 +124,22 @@ class _Run:
     gen_prompt: dict
     latent_shape: tuple
     bundles: dict = field(default_factory=dict)  # precision -> Bundle
+    on_device: tuple | None = None  # (model, vae) on options.device, copied once when it is not the CPU
     sweeps: dict = field(default_factory=lambda: {"decode_vs_past": {}, "ddim_vs_latent_tokens": {}})
 
     @property
     def config(self):
         return self.model.config
+
+    def reference(self) -> tuple:
+        """(model, vae) where the torch backends run; bundles keep exporting from the CPU copy."""
+        device = torch.device(self.options.device)
+        if device.type == "cpu":
+            return self.model, self.vae
+        if self.on_device is None:
+            vae = None if self.vae is None else copy.deepcopy(self.vae).to(device)
+            self.on_device = (copy.deepcopy(self.model).to(device), vae)
+        return self.on_device
 
 
 def run_benchmark(options: BenchOptions, log: Callable[[str], None] | None = None) -> dict:
@@ -261,7 +274,8 @@ def _variant_bundle(run: _Run, kind: str, precision: str):
 def _open_backend(run: _Run, kind: str, precision: str, bundle) -> tuple[TimedBackend, float]:
     """(the timed backend, its load seconds); torch's include loading the reference."""
     started = time.perf_counter()
-    backend = TimedBackend(sources.make_backend(kind, run.model, run.vae, bundle, run.threads))
+    model, vae = run.reference() if kind.startswith("torch") else (run.model, run.vae)
+    backend = TimedBackend(sources.make_backend(kind, model, vae, bundle, run.threads))
     load_s = time.perf_counter() - started
     if kind.startswith("torch"):
         load_s += run.reference_load_s

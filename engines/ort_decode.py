@@ -418,7 +418,10 @@ class SlotBatch:
             values = [ort.OrtValue.ortvalue_from_numpy(array) for array in inputs.values()]
             for name, value in zip(inputs, values):
                 binding.bind_ortvalue_input(name, value)
-            binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+            # the step writes its logits here: no output allocated and no OrtValue list made per step
+            inputs["logits"] = np.zeros((rows, 1, self.backend.config.vocab_size), dtype=np.float32)
+            values.append(ort.OrtValue.ortvalue_from_numpy(inputs["logits"]))
+            binding.bind_ortvalue_output("logits", values[-1])
             for stage in STAGES:
                 for i, n in enumerate(self.backend.bundle.graphs[STAGE_GRAPHS[stage]].layers):
                     for j, kind in enumerate(("key", "value")):
@@ -440,4 +443,4 @@ class SlotBatch:
         self.backend.decode_session().run_with_iobinding(binding)
         self.lengths = [n + 1 for n in self.lengths]
         self.positions = [p + 1 for p in self.positions]
-        return torch.from_numpy(binding.get_outputs()[0].numpy())[:, -1]
+        return torch.from_numpy(inputs["logits"][:, -1].copy())  # the buffer is the next step's

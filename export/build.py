@@ -484,13 +484,22 @@ def _lower(plan: _Plan, options: BuildOptions, exported: _Exported, manifest: Ma
         append_activations_report(tmp, lowered)
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
 def _lower_graph(spec: GraphSpec, entry: GraphEntry, dtype: int, tmp: Path, min_cosine: float) -> dict:
     """One graph file lowered in place; refused when malformed, or when the pass in fp16 is not finite
     or below the low-precision cosine budget against PyTorch."""
     path = tmp / entry.file
     model = onnx.load(str(path))
-    fp16_check = validate.lowered_fp16_accuracy(spec, model)
-    summary = activations.lower_activations(model, dtype)
+    fp16 = model if dtype == onnx.TensorProto.FLOAT16 else _copy(model)  # an fp16 target is lowered once
+    summary = activations.lower_activations(fp16, onnx.TensorProto.FLOAT16)
+    fp16_check = validate.lowered_fp16_accuracy(spec, fp16)
+    if fp16 is not model:
+        summary = activations.lower_activations(model, dtype)
     structure = validate.lowered_structure(model, dtype)
     problems = structure["problems"] + ([] if fp16_check["finite"] else ["NaN or Inf in fp16"])
     if fp16_check["cosine"] < min_cosine:

@@ -35,11 +35,11 @@ def test_the_fp16_lowered_decoder_runs_on_onnxruntime_and_matches_torch(tiny, tm
     export_graph(spec, tmp_path / "base.onnx")
     model = onnx.load(str(tmp_path / "base.onnx"))
     rewrite.rewrite_graph(model, "fp16", None, "tensorrt")
-    result = validate.lowered_fp16_accuracy(spec, model)  # lowers a copy: casts gone, activations fp16
-    assert result["finite"] and result["samples"] == 2
-    assert result["cosine"] > 0.9999 and result["max_abs_error"] < 5e-3, result
     summary = activations.lower_activations(model, TensorProto.FLOAT16)
     assert summary["casts_removed"] > 0 and summary["kv_cache_dtype"] == "float16"
+    result = validate.lowered_fp16_accuracy(spec, model)
+    assert result["finite"] and result["samples"] == 2
+    assert result["cosine"] > 0.9999 and result["max_abs_error"] < 5e-3, result
     structure = validate.lowered_structure(model, TensorProto.FLOAT16)
     assert not structure["problems"] and structure["kv_cache_tensors"] == 8 and structure["plugin_inputs"] > 0
 
@@ -87,6 +87,17 @@ def test_an_fp8_tensorrt_bundle_has_bf16_kv_cache_plugin_io_and_matmuls(tiny, tm
     assert cache_element_size(bundle) == 2  # the scheduler's KV bytes count bf16 elements
     with pytest.raises(BundleError, match="built for TensorRT with bfloat16 activations"):
         OrtBackend(bundle)
+
+
+def test_an_fp16_tensorrt_bundle_is_lowered_once_per_decoder(tiny, tmp_path, monkeypatch):
+    calls = []
+    lower = activations.lower_activations
+    monkeypatch.setattr(activations, "lower_activations", lambda m, d: calls.append(d) or lower(m, d))
+    manifest = _build(tiny, tmp_path / "trt16", "fp16", "tensorrt")
+    assert calls == [TensorProto.FLOAT16] * len(STAGE_GRAPHS)  # the checked graph is the one written
+    for name in STAGE_GRAPHS.values():
+        assert manifest.graphs[name].activations == "float16"
+        assert manifest.quantization["activations"][name]["fp16_check"]["cosine"] > 0.9999
 
 
 def test_onnxruntime_bundles_keep_fp32_activations_and_old_manifests_open(tiny, tmp_path):

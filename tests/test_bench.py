@@ -55,3 +55,33 @@ def test_bench_writes_json_table_and_plots(tmp_path, capsys):
 def test_bench_rejects_unknown_backend(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--backends", "tpu", "--out", str(tmp_path)]) == 2
     assert "unknown backend" in capsys.readouterr().err
+
+
+def test_torch_backends_run_on_a_copy_on_the_device():
+    """`--device`: the torch backends get the reference moved once to the device; the CPU copy the
+    bundles export from stays where it is."""
+    import torch
+
+    from haplo.bench.runner import BenchOptions, _Run
+    from haplo.model.config import preset
+    from haplo.model.modeling import HaploOmniForConditionalGeneration
+
+    model = HaploOmniForConditionalGeneration.from_config(preset("tiny"), seed=0)
+    run = _Run(BenchOptions(device="meta"), print, 1, {}, model, None, None, "tiny", 0.0, {}, {}, ())
+    moved, vae = run.reference()
+    assert moved is not model and vae is None
+    assert next(moved.parameters()).device.type == "meta"
+    assert next(model.parameters()).device == torch.device("cpu")
+    assert run.reference()[0] is moved  # copied once
+    assert _Run(BenchOptions(), print, 1, {}, model, None, None, "tiny", 0.0, {}, {}, ()).reference()[0] is model
+
+
+def test_the_table_names_the_device_torch_ran_on():
+    from pathlib import Path
+
+    from haplo.bench.report import table
+
+    doc = json.loads((Path(__file__).parents[1] / "bench/results/peer-small/results.json").read_text())
+    assert "torch on" not in table(doc)  # a CPU run says nothing more
+    doc["settings"]["device"], doc["machine"]["gpu"] = "cuda:0", "NVIDIA H200"
+    assert "torch on cuda:0 (NVIDIA H200)" in table(doc)

@@ -131,6 +131,8 @@ BAD_INPUT = [
     (["bench", "--repeats", "0"], "--repeats: 0 is out of range"),
     (["bench", "--new-tokens", "1"], "--new-tokens: 1 is out of range"),
     (["bench", "--peer", "llama.cpp"], "argument --peer: invalid choice: 'llama.cpp'"),
+    (["bench", "--device", "tpu"], "expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["bench", "--device", "cuda:7", "--out", "r"], "--device cuda:7: this machine has"),
     (["bench", "--videos", "9x64", "--out", "r"], "expected FRAMESxHEIGHTxWIDTH"),
     (["bench", "--past-lengths", "8,x", "--out", "r"], "expected comma-separated integers"),
     (["bench-serve", "--clients", "0,4"], "--clients '0,4': expected comma-separated counts >= 1"),

@@ -286,7 +286,7 @@ class _Lowering:
 def _to_low(values: np.ndarray, dtype: int, name: str) -> TensorProto:
     if dtype == TensorProto.FLOAT16:
         return numpy_helper.from_array(values.astype(np.float16), name)
-    raw = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
+    raw = torch.from_numpy(np.array(values, dtype=np.float32)).to(torch.bfloat16)  # a writable copy
     tensor = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=list(values.shape))
     tensor.raw_data = raw.view(torch.int16).numpy().tobytes()
     return tensor

@@ -6,7 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from haplo.commands.common import NON_NEGATIVE, POSITIVE, _number, add_model_args, comma_list
+from haplo.commands.common import (
+    NON_NEGATIVE,
+    POSITIVE,
+    _number,
+    add_model_args,
+    comma_list,
+    device_name,
+    torch_device,
+)
 from haplo.errors import UsageError
 
 
@@ -29,6 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="comma list for onnxruntime/tensorrt: fp32, fp16, bf16, int8, fp8 (default: %(default)s)",
     )
     parser.add_argument("--threads", type=POSITIVE, help="intra-op threads for torch and ONNX Runtime (default: cores)")
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="where the torch and torch-compile backends run: cpu (default), cuda or cuda:N (bundles are "
+        "still exported from a CPU copy; ONNX Runtime and TensorRT run where their providers do)",
+    )
     parser.add_argument(
         "--peer",
         choices=["onnxruntime-genai"],
@@ -113,6 +128,7 @@ def _options(args: argparse.Namespace):
         out=args.out,
         work_dir=args.work_dir,
         peer=args.peer,
+        device=str(torch_device(args)),
     )
 
 
