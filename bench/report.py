@@ -15,6 +15,7 @@ SCHEMA = "haplo-bench/1"
 TOP_LEVEL = ("schema", "created", "command", "machine", "versions", "settings", "backends", "sweeps")
 BACKEND_KEYS = ("key", "backend", "precision", "status")
 MEASURED_KEYS = ("cold_start", "understanding", "generation", "memory", "roofline", "ratio_to_torch")
+COMPUTE_KEYS = ("step_gflop", "achieved_gflops", "peak", "peak_gflops", "percent_of_peak")  # when on a CPU
 
 
 class SchemaError(HaploError, ValueError):
@@ -42,6 +43,9 @@ def validate(doc: dict) -> None:
             for key in ("step_ms", "step_without_reuse_ms", "prefix_reuse_saving", "end_to_end_ms"):
                 if key not in entry["generation"]:
                     raise SchemaError(f"{entry['key']}: generation misses {key!r}")
+            for key in COMPUTE_KEYS if entry.get("compute") else ():
+                if key not in entry["compute"]:
+                    raise SchemaError(f"{entry['key']}: compute misses {key!r}")
         elif "reason" not in entry:
             raise SchemaError(f"{entry['key']}: status {entry['status']!r} without a reason")
     if "peer" in doc:
@@ -87,6 +91,7 @@ def table(doc: dict) -> str:
         "VAE",
         "peak RSS",
         "roofline",
+        "DDIM/peak",
         "TPOT x",
         "DDIM x",
     ]
@@ -109,6 +114,7 @@ def table(doc: dict) -> str:
                 _fmt(gen.get("vae_ms", {}).get("p50")) + " ms",
                 _fmt(entry["memory"]["peak_rss_mib"], 0) + " MiB",
                 f"{entry['roofline']['percent_of_bound']:.0f}%",
+                _share_of_peak(entry.get("compute")),
                 _fmt(ratio.get("tpot"), 2) + "x",
                 _fmt(ratio.get("ddim_step"), 2) + "x",
             ]
@@ -133,12 +139,33 @@ def table(doc: dict) -> str:
         f"({machine['physical_cores']} cores), {machine['memory_gib']} GiB, "
         f"copy bandwidth {machine['memory_bandwidth']['copy_gbs']:.1f} GB/s"
         + (f"; torch on {settings['device']} ({machine.get('gpu')})" if settings.get("device", "cpu") != "cpu" else ""),
+        *_gemm_lines(doc),
         "x = speed-up over torch eager (time of torch / time of the backend); roofline = weight-bandwidth bound "
-        "/ achieved decode step",
+        "/ achieved decode step; DDIM/peak = achieved DDIM-step FLOP/s / measured GEMM peak of its arithmetic",
     ]
     if "peer" in doc:
         lines += ["", *peer_lines(doc["peer"])]
     return "\n".join(lines)
+
+
+def _share_of_peak(compute: dict | None) -> str:
+    if not compute or compute.get("percent_of_peak") is None:
+        return "-"
+    return f"{compute['percent_of_peak']:.0f}% {compute['peak']}"
+
+
+def _gemm_lines(doc: dict) -> list[str]:
+    """The DDIM step's FLOPs and the GEMM peak it is held against (absent from older documents)."""
+    peak, flops = doc["machine"].get("gemm_peak_gflops"), doc["settings"].get("ddim_step_flops")
+    if not peak or not flops:
+        return []
+    m, k, n = peak["shape"]
+    return [
+        f"DDIM step {flops['step'] / 1e9:.1f} GFLOP ({flops['step_without_reuse'] / 1e9:.1f} without reuse); "
+        f"GEMM peak at {m}x{k}x{n}, {peak['threads']} threads: fp32 {peak['fp32']:.0f} GFLOP/s (torch "
+        f"{peak['fp32_torch']:.0f}, ONNX Runtime {peak['fp32_onnxruntime']:.0f}), int8 {peak['int8']:.0f} GFLOP/s "
+        "(ONNX Runtime MatMulInteger)"
+    ]
 
 
 def peer_lines(peer: dict) -> list[str]:

@@ -3,6 +3,8 @@
 Order of work: load the PyTorch reference (the baseline), build or open one bundle per precision,
 then for each backend/precision: cold start (load + first token), understanding, generation, and
 the scaling sweeps, under a resident-memory sampler. Ratios are against torch eager of the same run.
+The decode step is held against the memory-bandwidth bound (`roofline`), the DDIM step against the
+measured GEMM peak (`compute`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import psutil
 import torch
 
 from haplo.artifacts import check_output_dir, indexed_dir, write_atomic
-from haplo.bench import report, sources, workloads
+from haplo.bench import compute, report, sources, workloads
 from haplo.bench.roofline import bundle_decode_weight_bytes, memory_bandwidth_gbs, roofline, torch_decode_weight_bytes
 from haplo.bench.timing import PeakRSS, TimedBackend, gpu_peak_memory_mib
 
@@ -126,6 +128,8 @@ class _Run:
     bundles: dict = field(default_factory=dict)  # precision -> Bundle
     on_device: tuple | None = None  # (model, vae) on options.device, copied once when it is not the CPU
     sweeps: dict = field(default_factory=lambda: {"decode_vs_past": {}, "ddim_vs_latent_tokens": {}})
+    ddim_flops: dict = field(default_factory=dict)  # compute.ddim_step_flops()
+    gemm_peak: dict = field(default_factory=dict)  # compute.gemm_peaks()
 
     @property
     def config(self):
@@ -202,7 +206,17 @@ def _prepare(options: BenchOptions, log: Callable[[str], None]) -> _Run:
     load_s = time.perf_counter() - started
     model.eval()
     inputs = _inputs(tokenizer, model.config, options)
-    return _Run(options, log, threads, bandwidth, model, vae, tokenizer, name, load_s, **inputs)
+    run = _Run(options, log, threads, bandwidth, model, vae, tokenizer, name, load_s, **inputs)
+    _measure_compute(run)
+    return run
+
+
+def _measure_compute(run: _Run) -> None:
+    """The DDIM step's FLOPs (counted on the reference) and the GEMM peak at its shape."""
+    run.log("counting the DDIM step's FLOPs and measuring the GEMM peak at its shape")
+    run.ddim_flops = compute.ddim_step_flops(run.model, run.vae, run.gen_prompt, run.latent_shape)
+    tokens, base = 2 * workloads.latent_tokens(run.config, run.latent_shape), run.config.base
+    run.gemm_peak = compute.gemm_peaks(tokens, base.hidden_size, base.intermediate_size, run.threads)
 
 
 def _inputs(tokenizer, config, options: BenchOptions) -> dict:
@@ -257,7 +271,17 @@ def _measure(run: _Run, kind: str, precision: str, key: str) -> dict:
         "generation": generation,
         "memory": {**memory.to_dict(), "gpu_peak_mib": gpu_peak_memory_mib()},
         "roofline": roofline(weight_bytes, run.bandwidth["copy_gbs"], und["tpot_ms"]["p50"]),
+        "compute": _step_compute(run, kind, precision, generation),
     }
+
+
+def _step_compute(run: _Run, kind: str, precision: str, generation: dict) -> dict | None:
+    """The DDIM step's share of this CPU's GEMM peak; None where it ran elsewhere (TensorRT, torch on a GPU)."""
+    on_cpu = kind == "onnxruntime" or (kind.startswith("torch") and torch.device(run.options.device).type == "cpu")
+    if not on_cpu or not run.gemm_peak:
+        return None
+    arithmetic = "fp32" if kind.startswith("torch") else precision
+    return compute.step_compute(run.ddim_flops["step"], generation["step_ms"]["p50"], run.gemm_peak, arithmetic)
 
 
 def _variant_bundle(run: _Run, kind: str, precision: str):
@@ -327,7 +351,7 @@ def _document(run: _Run, entries: list[dict]) -> dict:
         "schema": report.SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "haplo-export " + " ".join(sys.argv[1:]) if sys.argv and "haplo-export" in sys.argv[0] else None,
-        "machine": {**machine_info(), "memory_bandwidth": run.bandwidth},
+        "machine": {**machine_info(), "memory_bandwidth": run.bandwidth, "gemm_peak_gflops": run.gemm_peak},
         "versions": versions,
         "settings": settings,
         "backends": entries,
@@ -345,6 +369,7 @@ def _settings(run: _Run) -> dict:
         latent_shape=list(run.latent_shape),
         latent_tokens=workloads.latent_tokens(run.config, run.latent_shape),
         generation_text_tokens=int(run.gen_prompt["input_ids"].shape[1]),
+        ddim_step_flops=run.ddim_flops,
     )
     return settings
 
