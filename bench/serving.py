@@ -5,7 +5,9 @@ the official `openai` async client in this one. Every request is a greedy video 
 number of new tokens (`ignore_eos`), so runs compare like for like, and every answer under load must
 equal the answer to the same request served alone. The questions reuse `prompts` clips, so past the
 first round the server's media cache hands out decoded clips (`--media-cache-mib 0` decodes each
-again); the results count its hits. Video jobs: K concurrent jobs against one.
+again) and its prefix cache the prompts' kept KV cache (`--prefix-cache-mib 0` prefills every prompt
+whole); the results count the hits and the share of prompt tokens reused. Video jobs: K concurrent
+jobs against one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class ServeBenchOptions:
     precision: str = "fp32"
     threads: int | None = None
     media_cache_mib: int | None = None  # the server's decoded-media cache; None: its default
+    prefix_cache_mib: int | None = None  # the server's kept prompt prefixes; None: its default
     clients: list[int] = field(default_factory=lambda: [1, 4, 16])  # concurrency levels; 1 is the baseline
     requests_per_client: int = 2
     new_tokens: int = 32
@@ -89,6 +92,8 @@ class ServerProcess:
             self.command += ["--threads", str(options.threads)]
         if options.media_cache_mib is not None:
             self.command += ["--media-cache-mib", str(options.media_cache_mib)]
+        if options.prefix_cache_mib is not None:
+            self.command += ["--prefix-cache-mib", str(options.prefix_cache_mib)]
 
     def __enter__(self) -> ServerProcess:
         import httpx2 as httpx
@@ -130,7 +135,7 @@ def questions(count: int) -> list[list[dict]]:
 
 async def _one(client, model: str, messages: list[dict], new_tokens: int) -> dict:
     """One streaming greedy request: its timings and text."""
-    started, first, last, text, tokens = time.perf_counter(), None, None, "", 0
+    started, first, last, text, tokens, prompt, cached = time.perf_counter(), None, None, "", 0, 0, 0
     stream = await client.chat.completions.create(
         model=model,
         messages=messages,
@@ -146,10 +151,13 @@ async def _one(client, model: str, messages: list[dict], new_tokens: int) -> dic
             first = first or last
             text += choice.delta.content or ""
         if chunk.usage:
-            tokens = chunk.usage.completion_tokens
+            tokens, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+            details = chunk.usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details else 0
     if first is None or last is None:
         raise RuntimeError("a request streamed no tokens")
-    return {"start": started, "first": first, "end": last, "tokens": tokens, "text": text}
+    times = {"start": started, "first": first, "end": last}
+    return times | {"tokens": tokens, "text": text, "prompt_tokens": prompt, "cached_tokens": cached}
 
 
 async def _level(url: str, model: str, prompts: list, clients: int, per_client: int, new_tokens: int) -> list[dict]:
@@ -188,7 +196,14 @@ def summarise(records: list[dict], clients: int) -> dict:
         "requests_per_s": round(len(records) / wall, 3),
         "ttft_ms": _percentiles([r["first"] - r["start"] for r in records]),
         "tpot_ms": _percentiles(tpot),
+        "prompt_tokens_reused": _reused(records),
     }
+
+
+def _reused(records: list[dict]) -> float:
+    """The share of prompt tokens prefilled from the server's kept prefixes (usage.cached_tokens)."""
+    prompt = sum(r["prompt_tokens"] for r in records)
+    return round(sum(r["cached_tokens"] for r in records) / prompt, 3) if prompt else 0.0
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -314,7 +329,7 @@ def table(doc: dict) -> str:
         "",
         f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'x one':>6} {'req/s':>7} "
         f"{'TTFT p50/p90/p99 ms':>22} {'TPOT p50/p90/p99 ms':>22} {'p99 TPOT x':>10} {'same text':>9} "
-        f"{'sched TPOT':>10}",
+        f"{'sched TPOT':>10} {'reused':>6}",
     ]
     for lv in doc["chat"]:
         ttft = "/".join(f"{lv['ttft_ms'][p]:.0f}" for p in ("p50", "p90", "p99"))
@@ -324,17 +339,22 @@ def table(doc: dict) -> str:
             f"{lv['tokens_per_s_vs_one_client']:>6.2f} "
             f"{lv['requests_per_s']:>7.2f} {ttft:>22} {tpot:>22} {lv['p99_tpot_vs_one_client']:>10.2f} "
             f"{'yes' if lv['answers_identical_to_alone'] else 'NO':>9} "
-            f"{_ms(lv.get('scheduler_tpot_ms_mean')):>10}"
+            f"{_ms(lv.get('scheduler_tpot_ms_mean')):>10} {_share(lv.get('prompt_tokens_reused')):>6}"
         )
     v = doc["video"]
     lines += [
         "sched TPOT: the server's own mean time between two tokens of a row (scheduler, before HTTP)",
+        "reused: the share of prompt tokens prefilled from the server's kept prefixes (usage.cached_tokens)",
         _media_line(doc.get("media_cache")),
         "",
         f"video: 1 job of {v['steps']} DDIM steps {v['one_job_s']:.2f} s; {v['jobs']} concurrent jobs "
         f"{v['concurrent_jobs_s']:.2f} s ({v['concurrent_vs_one']:.2f}x one job)",
     ]
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def _media_line(lookups: dict | None) -> str:

@@ -358,14 +358,16 @@ class SlotBatch:
         return sum(b.nbytes for buffers in list(self.buffers.values()) for b in buffers)  # read from other threads
 
     def _reserve(self, rows: int, length: int) -> None:
-        """Buffers for at least `rows` rows of `length` slots (doubling, the filled part copied over)."""
+        """Buffers for at least `rows` rows of `length` slots (doubling, the filled part copied over).
+        A first reservation leaves half its length again for the tokens to come, so the rows of one
+        prompt length do not copy the whole cache over at their first step."""
         have_rows, have_len = (
             (self.buffers[STAGES[0]][0].shape[0], self.buffers[STAGES[0]][0].shape[2]) if self.buffers else (0, 0)
         )
         if rows <= have_rows and length <= have_len:
             return
         new_rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
-        new_len = have_len if length <= have_len else max(length, 2 * have_len, 64)
+        new_len = have_len if length <= have_len else max(length + length // 2, 2 * have_len, 64)
         for stage in STAGES:
             cfg = self.backend.config.stages[stage]
             count = 2 * len(self.backend.bundle.graphs[STAGE_GRAPHS[stage]].layers)

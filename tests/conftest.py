@@ -58,3 +58,18 @@ def cli_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tiny"
     assert main(["build", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def host_copies(monkeypatch):
+    """The shape of every tensor copied (or viewed) to the host through `.cpu()` / `.numpy()`."""
+    shapes: list[tuple] = []
+    for method in ("cpu", "numpy"):
+        real = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _real=real, **kwargs):
+            shapes.append(tuple(self.shape))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return shapes

@@ -140,6 +140,7 @@ BAD_INPUT = [
     (["bench-serve", "--new-tokens", "1"], "--new-tokens: 1 is out of range"),
     (["bench-serve", "--video-jobs", "0"], "--video-jobs: 0 is out of range"),
     (["bench-serve", "--media-cache-mib", "-2"], "--media-cache-mib: -2 is out of range"),
+    (["bench-serve", "--prefix-cache-mib", "-2"], "--prefix-cache-mib: -2 is out of range"),
     (["bench-serve", "--out", "{FILE}"], "exists and is a file"),
     (["bench-serve", "--out", "{DIR}"], "is not a serving results directory made by this tool"),
     (["bench-serve", "--backend", "torch", "--bundle", "{BUNDLE}"], "--backend torch serves a checkpoint or preset"),

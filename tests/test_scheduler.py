@@ -258,6 +258,7 @@ def test_a_cancelled_video_job_leaves_and_the_others_finish(mini):
         (dict(max_video_batch=0), "max_video_batch"),
         (dict(max_kv_bytes=0), "max_kv_bytes"),
         (dict(max_prefill_tokens=0), "max_prefill_tokens"),
+        (dict(prefix_cache_bytes=-1), "prefix_cache_bytes"),
     ],
 )
 def test_scheduler_settings_out_of_range_are_refused(config, message):
@@ -277,21 +278,6 @@ def test_the_prefill_budget_spreads_admissions_over_decode_steps(mini):
         sched.step()
         sizes.append(sched.stats()["running_batch"])
     assert sizes[:3] == [1, 2, 3] and [s.tokens for s in streams] == expected
-
-
-@pytest.fixture
-def host_copies(monkeypatch):
-    """The shape of every tensor copied (or viewed) to the host through `.cpu()` / `.numpy()`."""
-    shapes: list[tuple] = []
-    for method in ("cpu", "numpy"):
-        real = getattr(torch.Tensor, method)
-
-        def counted(self, *args, _real=real, **kwargs):
-            shapes.append(tuple(self.shape))
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, method, counted)
-    return shapes
 
 
 def test_the_runtime_brings_only_token_ids_and_finished_videos_to_the_host(mini, host_copies):

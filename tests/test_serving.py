@@ -192,6 +192,9 @@ def test_models_health_and_metrics(client, server):
         "haplo_ddim_step_seconds",
         "haplo_media_cache_bytes",
         'haplo_media_cache_lookups_total{result="hit"}',
+        "haplo_prefix_cache_bytes",
+        'haplo_prefix_cache_lookups_total{result="miss"}',
+        "haplo_prefix_cache_reused_tokens_total",
     ):
         assert name in page
 
@@ -200,10 +203,14 @@ def test_media_sent_again_is_decoded_once_and_answers_the_same(client, server):
     cache = server.app.state.server.media
     messages = video_message(40, QUESTIONS[2])  # a clip no other test sends
     hits, misses = cache.hits, cache.misses
-    first = ask(client, messages, max_tokens=8).choices[0].message.content
+    first = ask(client, messages, max_tokens=8)
     assert (cache.hits, cache.misses) == (hits, misses + 1)
-    assert ask(client, messages, max_tokens=8).choices[0].message.content == first
+    again = ask(client, messages, max_tokens=8)
+    assert again.choices[0].message.content == first.choices[0].message.content
     assert (cache.hits, cache.misses) == (hits + 1, misses + 1)
+    # and the scheduler prefilled it from the first one's kept prefix: every prompt token but the last
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
     assert 0 < cache.bytes <= cache.max_bytes
 
 
@@ -310,6 +317,7 @@ SERVE_BAD_INPUT = [
     (["--max-prefill-tokens", "0"], "--max-prefill-tokens: 0 is out of range"),
     (["--media-cache-mib", "-1"], "--media-cache-mib: -1 is out of range"),
     (["--media-cache-mib", "lots"], "--media-cache-mib: expected an integer"),
+    (["--prefix-cache-mib", "-1"], "--prefix-cache-mib: -1 is out of range"),
     (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
     (["--preset", "tiny", "--device", "cuda:99"], "--device cuda:99: this machine has"),
     (["--bundle", "{BUNDLE}", "--device", "cuda"], "a bundle runs where its backend does"),
@@ -369,6 +377,7 @@ def test_bench_serve_writes_its_results_and_checks_answers(cli_bundle, tmp_path,
         assert level["answers_identical_to_alone"] and level["generated_tokens"] == 4 * level["requests"]
         assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"] and level["tokens_per_s"] > 0
         assert level["scheduler_tpot_ms_mean"] > 0  # read off the server's /metrics around the level
+        assert 0.9 < level["prompt_tokens_reused"] < 1  # the alone round kept every question's prefix
     assert doc["video"]["jobs"] == 2 and doc["video"]["concurrent_jobs_s"] > 0
     # 2 clips, each decoded once: the warm-up decodes clip 0, the alone round clip 1 and reuses clip 0,
     # then the levels of 1 and 2 clients reuse 1 + 2

@@ -33,6 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="the server's decoded-media cache (the questions repeat their clips; 0 decodes every request's "
         "clip again; default: the server's)",
     )
+    parser.add_argument(
+        "--prefix-cache-mib",
+        type=NON_NEGATIVE,
+        help="the server's kept prompt prefixes (the questions repeat; 0 prefills every prompt whole; "
+        "default: the server's)",
+    )
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma list (default: %(default)s)")
     parser.add_argument("--requests-per-client", type=POSITIVE, default=2, help="(default: %(default)s)")
     parser.add_argument("--new-tokens", type=_number(int, 2, what="must be >= 2"), default=32)
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> dict:
         precision=args.precision,
         threads=args.threads,
         media_cache_mib=args.media_cache_mib,
+        prefix_cache_mib=args.prefix_cache_mib,
         clients=_levels(args.clients),
         requests_per_client=args.requests_per_client,
         new_tokens=args.new_tokens,

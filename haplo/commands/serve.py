@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="prompt tokens prefilled between two decode steps (bounds the running rows' stall; default: 1024)",
     )
+    parser.add_argument(
+        "--prefix-cache-mib",
+        type=NON_NEGATIVE,
+        default=256,
+        help="KV cache kept for prompt prefixes (chat history, media asked about again), so a prompt that "
+        "begins with an earlier one prefills only its remaining tokens (MiB; 0 turns it off; default: 256)",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(handler=serve)
     return parser
@@ -114,7 +121,14 @@ def serve(args: argparse.Namespace) -> None:
     metrics = Metrics()
     scheduler = Scheduler(
         backend,
-        SchedulerConfig(args.max_batch, kv, args.max_queue, args.max_video_batch, args.max_prefill_tokens),
+        SchedulerConfig(
+            args.max_batch,
+            kv,
+            args.max_queue,
+            args.max_video_batch,
+            args.max_prefill_tokens,
+            prefix_cache_bytes=args.prefix_cache_mib * 2**20,
+        ),
         metrics,
     )
     config = ServerConfig(model_name(args), args.video_frames, media_cache_bytes=args.media_cache_mib * 2**20)

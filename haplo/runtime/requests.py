@@ -172,6 +172,7 @@ class TextStream(Handle):
         super().__init__()
         self.inputs, self.params = inputs, params
         self.prompt_tokens = int(inputs["input_ids"].shape[1])
+        self.reused_tokens = 0  # prompt tokens prefilled from a kept prefix (`haplo.runtime.prefix_cache`)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
 

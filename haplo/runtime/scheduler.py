@@ -13,7 +13,9 @@ batch (`decoding.decode_step`). Rows of different lengths are aligned by left pa
 rows leave at the step they end. Between two decode steps at most `max_prefill_tokens` of prompts are
 prefilled (at least one prompt), so running rows wait a bounded time. Admission holds the batch to
 `max_batch` rows and its KV cache, projected to the end of the longest row, to `max_kv_bytes`;
-beyond `max_queue` waiting requests, `submit` raises `QueueFull`.
+beyond `max_queue` waiting requests, `submit` raises `QueueFull`. A prompt that begins with the
+tokens and media of an earlier one is prefilled from that one's kept cache (`haplo.runtime.prefix_cache`,
+up to `prefix_cache_bytes`): only its remaining tokens run, and they count against the prefill budget.
 
 Video: each job's [negative, prompt] text prefix is encoded once (`ddim.encode_prompt`); jobs of one
 latent shape are denoised together, each at its own timestep, and a job joins at a step boundary.
@@ -36,6 +38,7 @@ from haplo.runtime import batching
 from haplo.runtime.backend import Backend
 from haplo.runtime.ddim import encode_prompt, make_scheduler, predict_v
 from haplo.runtime.decoding import DecodeState, check_prompt_length, prefill
+from haplo.runtime.prefix_cache import PrefixCache
 from haplo.runtime.requests import TextStream, VideoJob, VideoRequest
 from haplo.runtime.sampling import SamplingParams, next_token
 
@@ -55,6 +58,7 @@ class SchedulerConfig:
     max_queue: int = 64  # waiting requests (both kinds) before submit raises QueueFull
     max_video_batch: int = 4  # video jobs denoised together
     max_prefill_tokens: int = 1024  # prompt tokens prefilled between two decode steps (one prompt at least)
+    prefix_cache_bytes: int = 256 * 2**20  # kept prompt prefixes (chat history, shared media); 0: none
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_video_batch", "max_prefill_tokens"):
@@ -62,6 +66,8 @@ class SchedulerConfig:
                 raise RequestError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_kv_bytes is not None and self.max_kv_bytes <= 0:
             raise RequestError(f"max_kv_bytes must be > 0, got {self.max_kv_bytes}")
+        if self.prefix_cache_bytes < 0:
+            raise RequestError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
 
 
 class Observer:
@@ -113,6 +119,8 @@ class Scheduler:
         self._batch = self._new_batch()
         self._videos: list[_VideoRow] = []
         self._prefix = DecodeState()
+        size = self.config.prefix_cache_bytes
+        self.prefix_cache = PrefixCache(backend, size) if size else None
         self._durations: list[float] = []  # recent request durations, for Retry-After
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -180,6 +188,7 @@ class Scheduler:
             "running_batch": len(self._rows),
             "running_video": len(self._videos),
             "kv_cache_bytes": kv,
+            "prefix_cache_bytes": 0 if self.prefix_cache is None else self.prefix_cache.bytes,
         }
 
     @property
@@ -250,10 +259,10 @@ class Scheduler:
     def _admit_chat(self) -> None:
         self._prefilled = 0  # running rows wait for this step's prefills: bound the stall
         while (stream := self._next(self._waiting, self._fits_prefill)) is not None:
-            self._prefilled += stream.prompt_tokens
             try:
                 row, state = self._prefill(stream)
             except Exception as err:  # one bad request must not stop the others
+                self._prefilled += stream.prompt_tokens
                 self._end(stream, "failed", err)
                 continue
             if row is not None:
@@ -268,15 +277,22 @@ class Scheduler:
         if params.do_sample:
             generator = torch.Generator()
             generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
-        logits, state = prefill(self.backend, stream.inputs)
+        if self.prefix_cache is None:
+            (logits, state), reused = prefill(self.backend, stream.inputs), 0
+        else:
+            logits, state, reused = self.prefix_cache.prefill(stream.inputs)
+        stream.reused_tokens = reused
+        self._prefilled += stream.prompt_tokens - reused
         row = _Row(stream, generator)
         self.observer.observe("ttft", self._emit(row, logits) - stream.timings.submitted)
         return (None if stream.done else row), state
 
-    def _emit(self, row: _Row, logits: torch.Tensor) -> float:
-        """Sample the row's next token from [1, vocab] logits and hand it out; returns the time."""
+    def _emit(self, row: _Row, logits: torch.Tensor, token: int | None = None) -> float:
+        """Sample the row's next token from [1, vocab] logits (unless the caller chose it) and hand it
+        out; returns the time."""
         stream = row.stream
-        token = int(next_token(logits, stream.params, row.generator)[0])
+        if token is None:
+            token = int(next_token(logits, stream.params, row.generator)[0])
         stream.tokens.append(token)
         row.pending = token
         stream._emit(token)
@@ -300,9 +316,12 @@ class Scheduler:
                 self._end(row.stream, "failed", err)
             self._rows, self._batch = [], self._new_batch()
             return
+        # the greedy rows' ids in one argmax and one copy to the host, not one per row
+        greedy = logits.argmax(-1).tolist() if any(not r.stream.params.do_sample for r in self._rows) else []
         for i, row in enumerate(self._rows):
             before = row.stream.timings.tokens[-1]
-            self.observer.observe("tpot", self._emit(row, logits[i : i + 1]) - before)
+            token = None if row.stream.params.do_sample else greedy[i]
+            self.observer.observe("tpot", self._emit(row, logits[i : i + 1], token) - before)
         self._drop_rows()
 
     def _drop_rows(self) -> None:

@@ -211,7 +211,12 @@ def as_api_error(err: HaploError) -> ApiError:
 
 def usage(stream: TextStream) -> dict:
     n = len(stream.tokens)
-    return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": n, "total_tokens": stream.prompt_tokens + n}
+    return {
+        "prompt_tokens": stream.prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": stream.prompt_tokens + n,
+        "prompt_tokens_details": {"cached_tokens": stream.reused_tokens},  # prefilled from a kept prefix
+    }
 
 
 def chunk(completion_id: str, model: str, created: int, delta: dict | None, finish: str | None = None, **extra) -> str:

@@ -14,6 +14,7 @@ GAUGES = {
     "running_batch": "understanding requests in the running decode batch",
     "running_video": "video jobs in the running DDIM batch",
     "kv_cache_bytes": "bytes of KV cache the running batches hold",
+    "prefix_cache_bytes": "bytes of KV cache kept for prompt prefixes (chat history, shared media)",
 }
 
 
@@ -25,6 +26,14 @@ class _SchedulerGauges:
         stats = self.scheduler.stats()
         for name, doc in GAUGES.items():
             yield GaugeMetricFamily(f"haplo_{name}", doc, value=stats[name])
+        cache = self.scheduler.prefix_cache
+        if cache is not None:
+            lookups = CounterMetricFamily("haplo_prefix_cache_lookups", "kept-prefix lookups", labels=["result"])
+            lookups.add_metric(["hit"], cache.hits)
+            lookups.add_metric(["miss"], cache.misses)
+            yield lookups
+            doc = "prompt tokens prefilled from kept prefixes"
+            yield CounterMetricFamily("haplo_prefix_cache_reused_tokens", doc, value=cache.reused_tokens)
 
 
 class _MediaCacheMetrics:
