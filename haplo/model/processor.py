@@ -22,6 +22,7 @@ from transformers.image_processing_utils import select_best_resolution
 from haplo.errors import HaploError
 from haplo.model import vision
 from haplo.model.config import HaploOmniConfig
+from haplo.model.sequence import visual_slots
 from haplo.model.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -160,7 +161,7 @@ class HaploOmniProcessor:
     def block_starts(self, input_ids: torch.Tensor, blocks: list[list[list[int]]]) -> torch.Tensor:
         """Own index for text; the first index of its block for every visual token."""
         starts = torch.arange(input_ids.shape[1]).repeat(input_ids.shape[0], 1)
-        visual = (input_ids == self.config.image_token_index) | (input_ids == self.config.video_token_index)
+        visual = visual_slots(self.config, input_ids)
         for row, row_blocks in enumerate(blocks):
             positions = visual[row].nonzero().flatten().tolist()
             cursor = 0

@@ -17,6 +17,11 @@ from haplo.model import ops
 from haplo.model.config import HaploOmniConfig
 
 
+def visual_slots(config: HaploOmniConfig, input_ids: torch.Tensor) -> torch.Tensor:
+    """Where `input_ids` hold an image or video placeholder (a bool mask of their shape)."""
+    return (input_ids == config.image_token_index) | (input_ids == config.video_token_index)
+
+
 def scatter_visual_features(
     config: HaploOmniConfig, input_ids: torch.Tensor, embeds: torch.Tensor, images: list | None, videos: list | None
 ) -> torch.Tensor:

@@ -80,6 +80,13 @@ def select(backend: Backend, state: DecodeState, rows: list[int]) -> DecodeState
     return _pack(backend, caches, trimmed, state.next_position[index])
 
 
+def truncate(backend: Backend, state: DecodeState, length: int) -> DecodeState:
+    """The first `length` slots of every row of `state`, in storage of their own (a kept prefix)."""
+    assert state.key_start is not None and state.next_position is not None
+    caches = {stage: [t[:, :, :length].clone() for t in ts] for stage, ts in _unpack(backend, state).items()}
+    return _pack(backend, caches, state.key_start[:, :length].clone(), state.next_position - (state.length - length))
+
+
 def cache_bytes(backend: Backend, state: DecodeState) -> int:
     """Bytes the state's KV cache holds."""
     rows = 0 if state.key_start is None else state.key_start.shape[0]

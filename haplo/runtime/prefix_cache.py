@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from haplo.model.sequence import visual_slots
 from haplo.runtime.backend import Backend
-from haplo.runtime.batching import kv_bytes_per_token
+from haplo.runtime.batching import kv_bytes_per_token, truncate
 from haplo.runtime.decoding import DecodeState, forward_tokens, prefill
 
 MEDIA_INPUTS = ("pixel_values", "image_sizes", "pixel_values_videos")
@@ -63,8 +64,7 @@ def media_bytes(media: tuple[torch.Tensor | None, ...]) -> int:
 
 def media_end(backend: Backend, input_ids: torch.Tensor) -> int:
     """One past the last image or video placeholder of a [L] prompt (0 without media)."""
-    cfg = backend.config
-    slots = ((input_ids == cfg.image_token_index) | (input_ids == cfg.video_token_index)).nonzero()
+    slots = visual_slots(backend.config, input_ids).nonzero()
     return int(slots[-1]) + 1 if len(slots) else 0
 
 
@@ -79,15 +79,6 @@ def cut_points(backend: Backend, inputs: dict) -> list[int]:
         return cuts
     starts = _host(starts[0])
     return [c for c in cuts if bool((starts[c:] >= c).all())]
-
-
-def cut_state(backend: Backend, state: DecodeState, length: int) -> DecodeState:
-    """The first `length` slots of a one-row state, in storage of their own."""
-    assert state.key_start is not None and state.next_position is not None, "a prefilled state"
-    tensors = {stage: backend.cache_tensors(past) for stage, past in state.past.items()}
-    past = {s: backend.cache_from_tensors([t[:, :, :length].clone() for t in ts]) for s, ts in tensors.items()}
-    position = state.next_position - (state.length - length)
-    return DecodeState(past, state.key_start[:, :length].clone(), position)
 
 
 class PrefixCache:
@@ -128,7 +119,7 @@ class PrefixCache:
             while self.bytes + nbytes > self.max_bytes:
                 self.bytes -= self._entries.popitem(last=False)[1].nbytes
             self._keys += 1
-            self._entries[self._keys] = Entry(ids[:cut].clone(), media, cut_state(self.backend, state, cut), nbytes)
+            self._entries[self._keys] = Entry(ids[:cut].clone(), media, truncate(self.backend, state, cut), nbytes)
             self.bytes += nbytes
 
     def _holds(self, tokens: torch.Tensor, media: tuple) -> bool:
